@@ -1,0 +1,135 @@
+"""The exception hierarchy of mpchan (layer 0).
+
+Every error mpchan raises on purpose derives from :class:`MpchanError`.
+"Closed" (your code closed the channel) is kept apart from "broken"
+(something outside failed: a worker died, a deadline passed).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+__all__ = [
+    "Cancelled",
+    "ChannelClosed",
+    "DeadlineExceeded",
+    "DeadlockError",
+    "EndOfChannel",
+    "MpchanError",
+    "RemoteError",
+    "SerializationError",
+    "ShutdownError",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "WouldBlock",
+]
+
+
+class MpchanError(Exception):
+    """Base class of every error raised by mpchan."""
+
+
+class ChannelClosed(MpchanError):
+    """A send (plain, nowait or as a select case) on a closed channel."""
+
+
+class EndOfChannel(ChannelClosed):
+    """A receive on a channel that is closed and drained; iteration ends on it."""
+
+
+class WouldBlock(MpchanError):
+    """A ``*_nowait`` call could not proceed without waiting."""
+
+
+class SerializationError(MpchanError):
+    """A value could not be pickled or unpickled; ``__cause__`` is the pickle error."""
+
+
+class Cancelled(MpchanError):
+    """The context of the call was cancelled.
+
+    ``cause`` holds what was given to ``cancel(cause)``, if anything.
+    """
+
+    def __init__(self, message: str = "context cancelled", cause: Any = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.cause))
+
+
+class DeadlineExceeded(Cancelled, TimeoutError):
+    """The context's deadline passed."""
+
+    def __init__(self, message: str = "context deadline exceeded", cause: Any = None) -> None:
+        super().__init__(message, cause)
+
+
+class WorkerCrashed(MpchanError, BrokenProcessPool):
+    """The process running a task died.
+
+    Attributes: ``pid``, ``exitcode``, ``signal`` (a name such as ``"SIGKILL"``
+    or None), ``task`` (a short description of the task) and ``cause`` (a
+    probable cause such as ``"segmentation fault"`` or ``"killed (possibly
+    out of memory)"``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        signal: str | None = None,
+        task: Any = None,
+        cause: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+        self.task = task
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_crashed, (str(self), self.pid, self.exitcode, self.signal, self.cause))
+
+
+def _rebuild_crashed(
+    message: str, pid: int | None, exitcode: int | None, signal: str | None, cause: str | None
+) -> WorkerCrashed:
+    return WorkerCrashed(message, pid=pid, exitcode=exitcode, signal=signal, cause=cause)
+
+
+class TaskTimeout(MpchanError):
+    """A task ran past its time limit; its worker was replaced.
+
+    Deliberately not a :class:`TimeoutError`, so waiting too long on a future
+    and the task itself overrunning can be told apart.
+    """
+
+
+class ShutdownError(MpchanError, RuntimeError):
+    """Submit or send after shutdown or drain began."""
+
+
+class DeadlockError(MpchanError):
+    """Every process of the program is blocked on mpchan operations nothing can complete."""
+
+
+class RemoteError(MpchanError):
+    """An exception raised in another process that could not itself be pickled.
+
+    Carries ``type_name``, ``message`` and ``traceback`` (text).
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.type_name, self.message, self.traceback))
