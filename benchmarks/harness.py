@@ -421,7 +421,7 @@ def write_plot(scenario_results: Sequence[ScenarioResult], path: str) -> str:
     for ax, sr in zip(axes.flat, shown, strict=False):
         measured = [r for r in sr.results if r.median is not None]
         names = [r.contender for r in measured]
-        values = [r.median for r in measured]
+        values = [r.median for r in measured if r.median is not None]
         colours = [
             "tab:red" if r.kind == "mpchan" else "tab:gray" if r.kind == "reference" else "tab:blue"
             for r in measured
