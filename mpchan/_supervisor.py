@@ -1,0 +1,798 @@
+"""The supervisor: owner of every worker process of this program (layer 6).
+
+One :class:`Supervisor` per program (``get_supervisor()`` makes it lazily)
+starts worker processes, keeps idle ones in a bounded warm cache, hands them
+out (``acquire``), takes them back (``release``), notices when one dies, and
+stops them all (``shutdown``, also at interpreter exit).
+
+Data flow::
+
+    caller thread (go, Pool)                      supervisor thread
+    ------------------------                      ("mpchan-infra-supervisor")
+    acquire() --- idle cache (LIFO) --+
+        |   \\__ empty: start process  |            wait([wake_r,
+        v                             |                  conn of every worker,
+    run(worker, request) ----------> worker.conn       sentinel of every worker],
+        |      send_bytes(b"T"...)       |               timeout=next idle expiry)
+        v                                v                 |
+    Future <----- set_result(reply) ---- recv_bytes <------+ reply ready
+                  set_exception(WorkerCrashed) <-----------+ sentinel ready (died)
+                  release: worker -> idle cache            + idle expired -> b"Q"
+
+    death watch:  supervisor holds deathwatch (write end) --pipe--> worker
+                  thread reading the read end; EOF (supervisor gone,
+                  SIGKILL included) -> os._exit in the worker.
+
+Invariants:
+    * ``_workers`` holds every started process that has not been reaped
+      (joined) yet, in exactly one state: ``held`` (acquired, no task),
+      ``busy`` (a task sent, reply not read), ``idle`` (in ``_idle``),
+      ``retiring`` (told to quit), ``lost`` (found dead, not yet reaped).
+    * ``worker in _idle`` if and only if ``worker.state == "idle"``;
+      ``len(_idle) <= max_idle``.
+    * ``worker.task is not None`` if and only if ``worker.state == "busy"``;
+      every task's Future is completed exactly once, by whoever takes it out
+      of ``worker.task`` under ``_lock`` (reply, death, or shutdown).
+    * Once ``_closed`` is set it stays set; no worker is added after it.
+    * The parent never holds the child ends of a worker's pipes after the
+      worker started; a forked child closes the parent ends it inherited
+      (its own and its siblings'), so a death watch sees end of file as soon
+      as the supervisor is gone.
+
+Ownership:
+    * ``_lock`` guards ``_workers``, ``_idle``, ``_closed`` and every
+      ``Worker.state``/``task``/``idle_since``; it is never held while
+      waiting on a process, reading a reply or completing a Future.
+    * Caller threads write a worker's ``conn`` (``run``: the task; quit);
+      only the supervisor thread reads it (or ``shutdown`` once that thread
+      has stopped).
+    * Only the supervisor thread (or ``shutdown`` after stopping it) joins
+      worker processes and closes their connections and death-watch ends.
+    * The idle timeout is enforced by the supervisor thread alone; workers
+      never time out on their own (that would race with ``acquire``).
+
+Lock order: ``_shutdown_lock`` before ``_lock``; ``_fork_lock`` before ``_lock``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import os
+import select
+import signal
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from . import _compat
+from ._errors import ShutdownError, WorkerCrashed
+from ._worker import DEATHWATCH_THREAD_NAME, ORPHANED_EXITCODE, QUIT, worker_main
+
+__all__ = [
+    "Supervisor",
+    "Worker",
+    "get_supervisor",
+    "set_supervisor",
+    "shutdown",
+]
+
+THREAD_NAME = "mpchan-infra-supervisor"
+START_METHODS = ("spawn", "forkserver", "fork")
+DEFAULT_IDLE_TIMEOUT = 10.0
+# Grace period between SIGTERM and SIGKILL when shutdown(timeout=None).
+DEFAULT_SHUTDOWN_GRACE = 5.0
+
+_SIGNAL_CAUSES = {
+    "SIGSEGV": "segmentation fault",
+    "SIGKILL": "killed (possibly out of memory)",
+    "SIGABRT": "aborted",
+    "SIGBUS": "bus error (bad memory access)",
+    "SIGFPE": "floating-point exception",
+    "SIGILL": "illegal instruction",
+    "SIGTERM": "terminated",
+    "SIGINT": "interrupted",
+    "SIGPIPE": "broken pipe",
+    "SIGXCPU": "CPU time limit exceeded",
+}
+
+
+class Worker:
+    """The parent's record of one worker process.
+
+    Fields other than ``state``, ``task`` and ``idle_since`` never change
+    after the worker started. Never blocks.
+    """
+
+    __slots__ = (
+        "conn",
+        "deathwatch",
+        "id",
+        "idle_since",
+        "pid",
+        "process",
+        "release_after",
+        "sentinel",
+        "start_method",
+        "state",
+        "task",
+    )
+
+    def __init__(
+        self,
+        wid: int,
+        process: BaseProcess,
+        conn: Connection,
+        deathwatch: Connection,
+        start_method: str,
+    ) -> None:
+        self.id = wid
+        self.process = process
+        pid = process.pid
+        assert pid is not None  # started
+        self.pid: int = pid
+        self.sentinel: int = process.sentinel
+        self.conn = conn
+        self.deathwatch = deathwatch
+        self.start_method = start_method
+        # Invariant: the fields below change only under Supervisor._lock.
+        self.state = "held"
+        self.task: tuple[Future[bytes], str] | None = None
+        self.release_after = True
+        self.idle_since = 0.0
+
+    def describe(self, name: str | None = None) -> str:
+        """Return "worker N (pid P) running NAME" for messages. Never blocks."""
+        text = f"worker {self.id} (pid {self.pid})"
+        return f"{text} running {name}" if name else text
+
+    def __repr__(self) -> str:
+        return f"<mpchan Worker id={self.id} pid={self.pid} {self.state} {self.start_method}>"
+
+
+class Supervisor:
+    """Starts, caches, watches and stops worker processes.
+
+    ``start_method`` is ``"spawn"``, ``"forkserver"`` or ``"fork"`` (default
+    :func:`mpchan._compat.default_start_method`). ``"fork"`` falls back to
+    ``"forkserver"`` for any start made while another thread of the program
+    is alive, since forking a threaded process can copy a held lock.
+    ``max_idle`` bounds the warm cache (default ``os.cpu_count()``);
+    ``idle_timeout`` is how long a cached worker stays idle before it is told
+    to exit (default 10 s, or ``MPCHAN_IDLE_TIMEOUT``).
+    """
+
+    def __init__(
+        self,
+        start_method: str | None = None,
+        *,
+        max_idle: int | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        method = start_method or _compat.default_start_method()
+        if method not in START_METHODS:
+            raise ValueError(f"unknown start method {method!r}; use one of {START_METHODS}")
+        if method not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"start method {method!r} is not available on this platform")
+        if max_idle is None:
+            max_idle = os.cpu_count() or 1
+        if max_idle < 0:
+            raise ValueError(f"max_idle must be >= 0, not {max_idle}")
+        if idle_timeout is None:
+            idle_timeout = _env_idle_timeout()
+        if idle_timeout < 0:
+            raise ValueError(f"idle_timeout must be >= 0, not {idle_timeout}")
+        self._start_method = method
+        self._max_idle = max_idle
+        self._idle_timeout = float(idle_timeout)
+        self._ids = itertools.count(1)
+        # Lock order: _shutdown_lock, then _fork_lock, then _lock.
+        self._lock = threading.Lock()
+        self._shutdown_lock = threading.Lock()
+        self._fork_lock = threading.Lock()
+        self._workers: dict[int, Worker] = {}
+        self._idle: list[Worker] = []  # a stack: the most recently used is reused first
+        self._closed = False
+        self._stopping = False  # tells the supervisor thread to leave
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        _live_supervisors.add(self)
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def start_method(self) -> str:
+        """The configured start method. Never blocks."""
+        return self._start_method
+
+    @property
+    def max_idle(self) -> int:
+        """The bound of the warm cache. Never blocks."""
+        return self._max_idle
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds a cached worker may stay idle before it exits. Never blocks."""
+        return self._idle_timeout
+
+    @property
+    def closed(self) -> bool:
+        """True once shutdown began. Never blocks."""
+        return self._closed
+
+    # -- acquiring and releasing ----------------------------------------------
+
+    def acquire(self) -> Worker:
+        """Return a worker for the caller's exclusive use: a cached one, or a new one.
+
+        Blocks: only while a new process starts when the cache is empty
+        (milliseconds with fork/forkserver, more with spawn); it never waits
+        for another worker to become free.
+        Cancellation: none; raises :class:`ShutdownError` if shutdown began
+        (a process started meanwhile is stopped again).
+        Process safety: any thread of the process that created the supervisor.
+        """
+        with self._lock:
+            self._check_open()
+            while self._idle:
+                worker = self._idle.pop()
+                if _fd_ready(worker.sentinel):
+                    worker.state = "lost"  # died while idle; the thread reaps it
+                    continue
+                worker.state = "held"
+                return worker
+        return self._new_worker()
+
+    def release(self, worker: Worker) -> None:
+        """Give back a worker obtained from :meth:`acquire` and not running a task.
+
+        It goes back to the warm cache, or is told to exit when the cache is
+        full or shutdown began. Never blocks.
+        Process safety: any thread; each acquired worker is released once.
+        """
+        with self._lock:
+            if worker.state != "held":
+                raise ValueError(f"cannot release {worker!r}: it is not held")
+            self._release_locked(worker)
+        self._wake()  # a new idle deadline for the thread
+
+    def prestart(self, n: int) -> None:
+        """Start workers until the cache holds ``min(n, max_idle)`` idle ones.
+
+        Blocks: while the processes start. Cancellation: none; raises
+        :class:`ShutdownError` after shutdown. Process safety: any thread.
+        """
+        for _ in range(n):
+            with self._lock:
+                self._check_open()
+                if len(self._idle) >= min(n, self._max_idle):
+                    return
+            self.release(self._new_worker())
+
+    def run(
+        self, worker: Worker, request: bytes, *, name: str, release: bool = True
+    ) -> Future[bytes]:
+        """Send an encoded task to a held worker; return a Future of its raw reply.
+
+        The Future gets the reply bytes (decode with
+        :func:`mpchan._worker.decode_reply`), :class:`WorkerCrashed` if the
+        worker dies first, or :class:`ShutdownError` if shutdown stops it.
+        With ``release=True`` the worker returns to the warm cache as soon as
+        its reply arrives (before the Future completes); otherwise it stays
+        held by the caller.
+
+        Blocks: only while the request is written to the worker's pipe (the
+        worker is idle and reading, so only for the size of the request).
+        Cancellation: none.
+        Process safety: any thread, one task per held worker at a time.
+        """
+        future: Future[bytes] = Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            if self._closed:
+                if worker.state == "held":
+                    self._release_locked(worker)
+                raise ShutdownError("the mpchan supervisor is shut down")
+            if worker.state != "held":
+                raise ValueError(f"cannot run a task on {worker!r}: it is not held")
+            worker.state = "busy"
+            worker.task = (future, name)
+            worker.release_after = release
+        # If the worker died before reading the task, the supervisor thread
+        # sees its sentinel and fails the Future with WorkerCrashed.
+        with contextlib.suppress(OSError):
+            worker.conn.send_bytes(request)
+        return future
+
+    # -- introspection ----------------------------------------------------------
+
+    def idle_pids(self) -> set[int]:
+        """Pids of cached idle workers and of idle ones already told to exit.
+
+        Never blocks. Process safety: any thread.
+        """
+        with self._lock:
+            return {w.pid for w in self._workers.values() if w.state in ("idle", "retiring")}
+
+    def pids(self) -> set[int]:
+        """Pids of every worker process not yet reaped. Never blocks."""
+        with self._lock:
+            return {w.pid for w in self._workers.values()}
+
+    def stats(self) -> dict[str, Any]:
+        """Return plain data about the workers. Never blocks."""
+        with self._lock:
+            workers = [
+                {"id": w.id, "pid": w.pid, "state": w.state, "start_method": w.start_method}
+                for w in self._workers.values()
+            ]
+            return {
+                "start_method": self._start_method,
+                "max_idle": self._max_idle,
+                "idle_timeout": self._idle_timeout,
+                "closed": self._closed,
+                "idle": sum(1 for w in workers if w["state"] == "idle"),
+                "busy": sum(1 for w in workers if w["state"] == "busy"),
+                "workers": workers,
+            }
+
+    # -- shutdown -------------------------------------------------------------
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop every worker process and wait until all are gone; idempotent.
+
+        Pending tasks fail with :class:`ShutdownError`. Idle workers are told
+        to exit, busy ones get SIGTERM; whatever is still alive after
+        ``timeout`` seconds (``None``: :data:`DEFAULT_SHUTDOWN_GRACE`) is
+        killed with SIGKILL. Every process is reaped before this returns.
+
+        Blocks: until every worker process has exited (at most about
+        ``timeout`` plus the time SIGKILL takes).
+        Cancellation: none; later calls to ``acquire``/``run`` raise
+        :class:`ShutdownError`. A concurrent second call waits for the first.
+        Process safety: any thread, including a Future callback.
+        """
+        grace = DEFAULT_SHUTDOWN_GRACE if timeout is None else max(0.0, timeout)
+        with self._shutdown_lock:
+            with self._lock:
+                self._closed = True
+                self._stopping = True
+                self._idle.clear()
+            self._wake()
+            thread = self._thread
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
+            with self._lock:
+                workers = list(self._workers.values())
+                pending = []
+                for w in workers:
+                    if w.task is not None:
+                        pending.append((w, w.task))
+                        w.task = None
+            for w, (future, name) in pending:
+                _complete(
+                    future,
+                    exc=ShutdownError(f"mpchan shut down while {w.describe(name)} was running"),
+                )
+            for w in workers:
+                if w.state == "busy":
+                    with contextlib.suppress(OSError):
+                        w.process.terminate()
+                else:
+                    with contextlib.suppress(OSError):
+                        w.conn.send_bytes(QUIT)
+                w.state = "retiring"
+            deadline = time.monotonic() + grace
+            alive = [w for w in workers if not _fd_ready(w.sentinel)]
+            while alive:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                multiprocessing.connection.wait([w.sentinel for w in alive], left)
+                alive = [w for w in alive if not _fd_ready(w.sentinel)]
+            for w in alive:
+                with contextlib.suppress(OSError):
+                    os.kill(w.pid, signal.SIGKILL)
+            for w in workers:
+                self._reap(w)
+            with self._lock:
+                self._workers.clear()
+            _live_supervisors.discard(self)
+        self._close_wake_pipe()
+
+    # -- internals --------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShutdownError("the mpchan supervisor is shut down")
+
+    def _release_locked(self, worker: Worker) -> None:
+        # Caller holds _lock.
+        if self._closed or len(self._idle) >= self._max_idle:
+            worker.state = "retiring"
+            with contextlib.suppress(OSError):
+                worker.conn.send_bytes(QUIT)  # one byte to an idle reader: never blocks
+            return
+        worker.state = "idle"
+        worker.idle_since = time.monotonic()
+        self._idle.append(worker)
+
+    def _method_for_start(self) -> str:
+        if self._start_method != "fork":
+            return self._start_method
+        me = threading.current_thread()
+        for t in threading.enumerate():
+            if t is me or t.name == DEATHWATCH_THREAD_NAME:
+                continue
+            if t.name == THREAD_NAME and t in _supervisor_threads:
+                continue  # ours: it never holds a lock a forked worker needs
+            return "forkserver"
+        return "fork"
+
+    def _start_worker(self) -> Worker:
+        method = self._method_for_start()
+        ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            _preload_worker_in_forkserver()
+        wid = next(self._ids)
+        with self._fork_lock if method == "fork" else contextlib.nullcontext():
+            parent_conn, child_conn = ctx.Pipe(duplex=True)
+            watch_r, watch_w = ctx.Pipe(duplex=False)
+            close_fds: list[int] = []
+            if method == "fork":
+                # A forked child inherits every descriptor; it must close the
+                # parent's ends (its own and its siblings') or death watches
+                # would never see end of file.
+                with self._lock:
+                    for w in self._workers.values():
+                        close_fds += [w.conn.fileno(), w.deathwatch.fileno()]
+                close_fds += [parent_conn.fileno(), watch_w.fileno(), self._wake_r, self._wake_w]
+            process = ctx.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                args=(child_conn, watch_r, wid, close_fds),
+                name=f"mpchan-worker-{wid}",
+                daemon=False,
+            )
+            try:
+                process.start()
+            finally:
+                child_conn.close()
+                watch_r.close()
+        return Worker(wid, process, parent_conn, watch_w, method)
+
+    def _new_worker(self) -> Worker:
+        # Start a process and register it as held by the caller.
+        worker = self._start_worker()
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._workers[worker.id] = worker
+        if closed:
+            self._discard(worker)
+            raise ShutdownError("the mpchan supervisor is shut down")
+        self._ensure_thread()
+        self._wake()  # the thread must watch the new worker's conn and sentinel
+        return worker
+
+    def _discard(self, worker: Worker) -> None:
+        # Stop and reap a worker that never got registered.
+        with contextlib.suppress(OSError):
+            worker.process.kill()
+        self._reap(worker)
+
+    def _reap(self, worker: Worker) -> None:
+        worker.process.join()
+        worker.state = "dead"
+        for conn in (worker.conn, worker.deathwatch):
+            with contextlib.suppress(OSError):
+                conn.close()
+        with contextlib.suppress(ValueError):
+            worker.process.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")  # non-blocking; a full pipe wakes anyway
+
+    def _close_wake_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._stopping:
+                return
+            thread = threading.Thread(target=self._loop, name=THREAD_NAME, daemon=True)
+            self._thread = thread
+            _supervisor_threads.add(thread)
+        thread.start()
+
+    # -- the supervisor thread ----------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                workers = list(self._workers.values())
+                expiry = min((w.idle_since for w in self._idle), default=None)
+            by_conn = {w.conn: w for w in workers}
+            by_sentinel = {w.sentinel: w for w in workers}
+            waitables: list[Any] = [self._wake_r, *by_conn, *by_sentinel]
+            timeout = None
+            if expiry is not None:
+                timeout = max(0.0, expiry + self._idle_timeout - time.monotonic())
+            ready = multiprocessing.connection.wait(waitables, timeout)
+            if self._wake_r in ready:
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 4096)
+            dead: list[Worker] = []
+            for obj in ready:
+                if isinstance(obj, Connection):
+                    worker = by_conn[obj]
+                    if not self._on_readable(worker):
+                        dead.append(worker)
+            for obj in ready:
+                if isinstance(obj, int) and obj in by_sentinel:
+                    worker = by_sentinel[obj]
+                    if worker not in dead:
+                        dead.append(worker)
+            for worker in dead:
+                self._on_death(worker)
+            self._expire_idle()
+
+    def _on_readable(self, worker: Worker) -> bool:
+        """Read a reply; return False if the worker is gone instead."""
+        try:
+            reply = worker.conn.recv_bytes()
+        except (EOFError, OSError):
+            return False
+        with self._lock:
+            task = worker.task
+            worker.task = None
+            if task is not None and worker.state == "busy":
+                if worker.release_after:
+                    self._release_locked(worker)
+                else:
+                    worker.state = "held"
+        if task is None:
+            # A reply nobody asked for: the protocol is broken, so is the worker.
+            with contextlib.suppress(OSError):
+                worker.process.kill()
+            return False
+        _complete(task[0], result=reply)
+        return True
+
+    def _on_death(self, worker: Worker) -> None:
+        if worker.state == "dead":
+            return  # already reaped by a shutdown called from a Future callback
+        worker.process.join(timeout=1.0)
+        if worker.process.exitcode is None:
+            # Its pipe closed but the process lives on (it closed the
+            # descriptor itself?): it cannot serve any more.
+            with contextlib.suppress(OSError):
+                worker.process.kill()
+        exitcode = worker.process.exitcode
+        with self._lock:
+            task = worker.task
+            worker.task = None
+            if worker.state == "idle":
+                self._idle.remove(worker)
+            self._workers.pop(worker.id, None)
+            closing = self._closed
+        self._reap(worker)
+        if task is None:
+            return
+        future, name = task
+        if closing:
+            exc: BaseException = ShutdownError(
+                f"mpchan shut down while {worker.describe(name)} was running"
+            )
+        else:
+            exc = crashed_error(worker, exitcode, name)
+        _complete(future, exc=exc)
+
+    def _expire_idle(self) -> None:
+        if not self._idle:
+            return
+        now = time.monotonic()
+        with self._lock:
+            expired = [w for w in self._idle if now - w.idle_since >= self._idle_timeout]
+            for w in expired:
+                self._idle.remove(w)
+                w.state = "retiring"
+                with contextlib.suppress(OSError):
+                    w.conn.send_bytes(QUIT)
+
+
+def crashed_error(worker: Worker, exitcode: int | None, name: str | None) -> WorkerCrashed:
+    """Build the :class:`WorkerCrashed` for a worker that died. Never blocks."""
+    sig: str | None = None
+    if exitcode is None:
+        how, cause = "died", "unknown"
+    elif exitcode < 0:
+        try:
+            sig = signal.Signals(-exitcode).name
+        except ValueError:
+            sig = f"signal {-exitcode}"
+        how, cause = f"was killed by {sig}", _SIGNAL_CAUSES.get(sig, f"killed by {sig}")
+    elif exitcode == ORPHANED_EXITCODE:
+        how, cause = f"exited with status {exitcode}", "it lost its supervisor"
+    else:
+        how = f"exited with status {exitcode}"
+        cause = "the process exited (os._exit(), or exit() in native code)"
+    what = f"while running {name}" if name else "while idle"
+    return WorkerCrashed(
+        f"mpchan worker {worker.id} (pid {worker.pid}) {how} {what}: {cause}",
+        pid=worker.pid,
+        exitcode=exitcode,
+        signal=sig,
+        task=name,
+        cause=cause,
+    )
+
+
+def _complete(
+    future: Future[bytes], *, result: bytes | None = None, exc: BaseException | None = None
+) -> None:
+    # Each Future is completed by exactly one party (see Invariants), so this
+    # cannot race; the check only guards against a user having cancelled it.
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        assert result is not None
+        future.set_result(result)
+
+
+def _fd_ready(fd: int) -> bool:
+    """True when ``fd`` (a process sentinel) is readable now. Never blocks."""
+    try:
+        r, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(r)
+
+
+def _env_idle_timeout() -> float:
+    raw = os.environ.get("MPCHAN_IDLE_TIMEOUT")
+    if not raw:
+        return DEFAULT_IDLE_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"MPCHAN_IDLE_TIMEOUT must be a number of seconds, not {raw!r}") from None
+    return max(0.0, value)
+
+
+_preloaded = False
+
+
+def _preload_worker_in_forkserver() -> None:
+    # Each forkserver child is a fork of the server, so modules the server
+    # imported are free for every worker. Add ours to the preload list, if
+    # the server has not started yet, keeping whatever was there.
+    global _preloaded
+    if _preloaded:
+        return
+    _preloaded = True
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is not None:
+        return
+    modules = list(getattr(server, "_preload_modules", ["__main__"]))
+    if __name__.replace("_supervisor", "_worker") not in modules:
+        modules.append(__name__.replace("_supervisor", "_worker"))
+        with contextlib.suppress(Exception):
+            multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
+
+
+# ---------------------------------------------------------------------------
+# The program's supervisor
+# ---------------------------------------------------------------------------
+
+_default: Supervisor | None = None
+_default_lock = threading.Lock()
+_live_supervisors: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+_supervisor_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def get_supervisor() -> Supervisor:
+    """Return the program's supervisor, creating it on first use. Never blocks."""
+    global _default
+    sup = _default
+    if sup is not None and not sup.closed:
+        return sup
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = Supervisor()
+        return _default
+
+
+def set_supervisor(supervisor: Supervisor | None) -> Supervisor | None:
+    """Make ``supervisor`` the program's supervisor; return the previous one.
+
+    The previous one is not shut down. ``None`` means "make one lazily".
+    Never blocks.
+    """
+    global _default
+    with _default_lock:
+        previous, _default = _default, supervisor
+    return previous
+
+
+def shutdown(timeout: float | None = None) -> None:
+    """Shut down the program's supervisor (see :meth:`Supervisor.shutdown`).
+
+    The next use of mpchan creates a fresh one.
+
+    Blocks: until every worker process has exited.
+    Cancellation: none. Process safety: any thread.
+    """
+    with _default_lock:
+        sup = _default
+    if sup is not None:
+        sup.shutdown(timeout)
+
+
+def _idle_pids() -> set[int]:
+    """Pids of the program supervisor's idle cached workers (leak checks ignore these)."""
+    sup = _default
+    return sup.idle_pids() if sup is not None else set()
+
+
+def _shutdown_all() -> None:
+    for sup in list(_live_supervisors):
+        with contextlib.suppress(Exception):
+            sup.shutdown()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child has a copy of the parent's supervisors but not their
+    # processes or thread; it starts afresh and must not stop the parent's
+    # workers at exit.
+    global _default, _default_lock
+    _default = None
+    _default_lock = threading.Lock()
+    _live_supervisors.clear()
+    _supervisor_threads.clear()
+    _forget_parents_forkserver()
+
+
+def _forget_parents_forkserver() -> None:
+    # multiprocessing's forkserver client state is per process, but a fork
+    # copies it: the child would try to use (and waitpid) its parent's
+    # server, and its copy of the server's "alive" pipe would keep that
+    # server running after the parent died. Start from a clean state; the
+    # child gets a server of its own if it needs one.
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(alive_fd)
+    server._forkserver_alive_fd = None
+    server._forkserver_pid = None
+    server._forkserver_address = None
+    server._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+# Registered after multiprocessing's own exit hook, so it runs first: that
+# hook joins non-daemon children, which would wait forever for idle workers.
+atexit.register(_shutdown_all)

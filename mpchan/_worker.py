@@ -1,0 +1,314 @@
+"""The worker process: bootstrap, death watch, task loop and wire format (layer 6).
+
+This module is the *child side* of the supervisor. :func:`worker_main` is the
+function every mpchan worker process runs, whatever the start method; the
+encode/decode helpers below are the one place that knows the bytes that travel
+over a worker's task connection, so the parent side (``_supervisor``, ``_go``)
+imports them from here instead of repeating the format.
+
+Wire format (one ``Connection.send_bytes`` message each)::
+
+    parent -> worker   b"T" + cloudpickle((fn, args, kwargs))     run a task
+                       b"Q"                                        exit now
+    worker -> parent   b"R" + cloudpickle(value)                   fn returned
+                       b"E" + pickle(_Failure)                     fn raised
+                       b"S" + pickle(_Failure)                     (un)pickling failed
+
+A worker answers every ``T`` with exactly one reply, in order, and never
+writes anything else. Pickling of the task happens in the caller of ``go``;
+unpickling of the reply happens in whoever asks for the result.
+
+Signals: a worker ignores SIGINT (one Ctrl-C in a terminal reaches the whole
+process group, and the supervisor alone decides what it means) and has the
+default SIGTERM (the supervisor stops busy workers with it).
+
+Death watch: the worker holds the read end of a pipe whose only write end is
+held by the supervisor. A daemon thread blocks reading it; end of file means
+the supervisor is gone, whatever killed it (SIGKILL included), and the worker
+leaves at once with :data:`ORPHANED_EXITCODE`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+from ._errors import RemoteError, SerializationError
+
+__all__ = [
+    "ORPHANED_EXITCODE",
+    "QUIT",
+    "decode_reply",
+    "describe_callable",
+    "encode_task",
+    "worker_main",
+]
+
+# Message tags (first byte of every message).
+TASK = b"T"
+QUIT = b"Q"
+RESULT = b"R"
+RAISED = b"E"
+BROKEN = b"S"
+
+# Exit status of a worker whose death watch saw its supervisor go away.
+ORPHANED_EXITCODE = 75
+
+DEATHWATCH_THREAD_NAME = "mpchan-infra-deathwatch"
+
+
+class _Failure(NamedTuple):
+    """An exception on its way from a worker to the parent.
+
+    ``exc`` is the cloudpickled exception, or None when it could not be
+    pickled; the other fields always travel, so the parent can build a
+    :class:`RemoteError` when ``exc`` is missing or does not unpickle.
+    """
+
+    exc: bytes | None
+    type_name: str
+    message: str
+    traceback: str
+    stage: str  # "" for an exception raised by fn; else what failed
+
+
+class _RemoteTraceback(Exception):
+    """Carries the traceback text of an exception raised in a worker.
+
+    Set as ``__cause__`` of the re-raised exception so the remote frames are
+    printed above the local ones (as ``concurrent.futures.process`` does).
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+# ---------------------------------------------------------------------------
+# Parent side: encoding tasks, decoding replies
+# ---------------------------------------------------------------------------
+
+
+def describe_callable(fn: Any) -> str:
+    """Return ``module.qualname`` of ``fn`` (or its repr) for messages. Never blocks."""
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return _safe_repr(fn)
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{qualname}" if isinstance(module, str) else qualname
+
+
+def encode_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickle a task for a worker; raise :class:`SerializationError` if it cannot be.
+
+    Runs in the caller, so nothing was sent and no worker was touched when it
+    fails. Never blocks (beyond the pickling itself).
+    """
+    try:
+        data: bytes = cloudpickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        raise SerializationError(
+            f"cannot pickle the task {describe_callable(fn)}: {type(e).__name__}: {e}"
+        ) from e
+    return TASK + data
+
+
+def decode_reply(reply: bytes, *, where: str) -> Any:
+    """Return the value carried by a worker's ``reply``, or raise what it carries.
+
+    ``where`` describes the worker and function ("worker 3 (pid 123) running
+    mod.fn") and ends up in the note added to a remote exception.
+
+    An exception raised by the task is re-raised as its original type, with
+    the remote traceback text as ``__cause__`` and a note naming ``where``; one
+    that could not be pickled (or unpickled here) becomes
+    :class:`RemoteError`. Failure to unpickle the task in the worker, to pickle
+    the result there, or to unpickle it here raises
+    :class:`SerializationError` with the original error as ``__cause__``.
+    Never blocks (beyond the unpickling itself).
+    """
+    view = memoryview(reply)
+    tag = bytes(view[:1])
+    if tag == RESULT:
+        try:
+            return pickle.loads(view[1:])
+        except Exception as e:
+            raise SerializationError(
+                f"cannot unpickle the result of {where}: {type(e).__name__}: {e}"
+            ) from e
+    if tag not in (RAISED, BROKEN):
+        raise RemoteError("ProtocolError", f"unexpected reply tag {tag!r} from {where}")
+    failure = _Failure(*pickle.loads(view[1:]))
+    exc = _rebuild(failure, where)
+    if tag == RAISED:
+        raise exc
+    raise SerializationError(
+        f"{failure.stage} failed in {where}: {failure.type_name}: {failure.message}"
+    ) from exc
+
+
+def _rebuild(failure: _Failure, where: str) -> BaseException:
+    exc: BaseException | None = None
+    if failure.exc is not None:
+        try:
+            loaded = pickle.loads(failure.exc)
+        except Exception:
+            loaded = None
+        if isinstance(loaded, BaseException):
+            exc = loaded
+    if exc is None:
+        exc = RemoteError(failure.type_name, failure.message, failure.traceback)
+    exc.__cause__ = _RemoteTraceback(f'\n"""\n{failure.traceback}"""')
+    exc.add_note(f"raised in mpchan {where}")
+    return exc
+
+
+# ---------------------------------------------------------------------------
+# Child side
+# ---------------------------------------------------------------------------
+
+
+def worker_main(
+    conn: Connection, deathwatch: Connection, worker_id: int, close_fds: Iterable[int] = ()
+) -> None:
+    """Run the worker loop until told to quit; never returns.
+
+    ``conn`` is this worker's end of the task connection; ``deathwatch`` the
+    read end of the death-watch pipe. ``close_fds`` lists descriptors
+    inherited by a forked child that belong to the supervisor (write ends of
+    death-watch pipes, parent ends of task connections): they are closed
+    first, or this worker would keep its own and its siblings' death watches
+    from ever seeing end of file.
+
+    Blocks: for the whole life of the worker. The process ends with
+    ``os._exit`` (status 0 after ``QUIT`` or when the task connection closes),
+    so no inherited atexit handler or multiprocessing finalizer runs here.
+    Cancellation: none in-process; the supervisor sends ``QUIT``, SIGTERM or
+    SIGKILL, or dies (the death watch then ends the worker).
+    Process safety: called once, by the bootstrap of a fresh worker process.
+    """
+    for fd in close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    watcher = threading.Thread(
+        target=_watch_supervisor, args=(deathwatch,), name=DEATHWATCH_THREAD_NAME, daemon=True
+    )
+    watcher.start()
+    try:
+        _serve(conn, worker_id)
+    finally:
+        _flush_std_streams()
+        os._exit(0)
+
+
+def _watch_supervisor(deathwatch: Connection) -> None:
+    # The supervisor never writes to this pipe; the only way recv_bytes
+    # returns is end of file (every write end closed: the supervisor exited
+    # or closed it) or an error. Either way this worker has no one to
+    # answer to any more.
+    try:
+        while True:
+            deathwatch.recv_bytes()
+    except BaseException:
+        pass
+    os._exit(ORPHANED_EXITCODE)
+
+
+def _serve(conn: Connection, worker_id: int) -> None:
+    del worker_id  # kept in the signature for tracing; the parent names the worker
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if msg[:1] != TASK:
+            return  # QUIT, or anything unexpected: leave rather than guess
+        reply = _run_one(msg)
+        del msg
+        try:
+            conn.send_bytes(reply)
+        except OSError:
+            return
+        del reply
+
+
+def _run_one(msg: bytes) -> bytes:
+    try:
+        fn, args, kwargs = pickle.loads(memoryview(msg)[1:])
+    except BaseException as e:
+        return BROKEN + _encode_failure(e, "unpickling the task")
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as e:
+        # SystemExit and KeyboardInterrupt included: sys.exit() in a task is
+        # an exception like any other and must not end the worker.
+        del fn, args, kwargs
+        return RAISED + _encode_failure(e, "", skip_frames=1)
+    del fn, args, kwargs
+    try:
+        data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException as e:
+        return BROKEN + _encode_failure(e, "pickling the result")
+    return RESULT + data
+
+
+def _encode_failure(exc: BaseException, stage: str, skip_frames: int = 0) -> bytes:
+    tb = exc.__traceback__
+    for _ in range(skip_frames):  # drop this module's own frames
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    try:
+        tb_text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except Exception:
+        tb_text = f"{type(exc).__name__} (traceback unavailable)\n"
+    try:
+        exc_bytes: bytes | None = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:
+        exc_bytes = None
+    cls = type(exc)
+    failure = _Failure(
+        exc=exc_bytes,
+        type_name=f"{cls.__module__}.{cls.__qualname__}",
+        message=_safe_str(exc),
+        traceback=tb_text,
+        stage=stage,
+    )
+    return pickle.dumps(tuple(failure), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _safe_str(obj: object) -> str:
+    try:
+        return str(obj)
+    except Exception:
+        return f"<unprintable {type(obj).__name__}>"
+
+
+def _safe_repr(obj: object) -> str:
+    try:
+        return repr(obj)
+    except Exception:
+        return f"<unprintable {type(obj).__name__}>"
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
