@@ -1,0 +1,382 @@
+"""Context: Go-style cancellation and deadlines that cross processes (layer 3).
+
+Shape::
+
+    background()                     (never done, no segment)
+      └─ with_cancel ── node A  ── segment A: closed flag = cancelled,
+           │                          first staged record = (cause, when),
+           │                          counter = drain requested
+           ├─ with_value  (no segment: same chain, one more value)
+           └─ with_timeout ── node B (segment B, deadline d)
+
+A context is its *chain*: the cancellable nodes from itself up to the root,
+each one a small shared segment, plus the earliest deadline of the chain
+(kept on the monotonic clock, which is system-wide, so it means the same in
+every process) and its values.  A context is done when any node of its
+chain is closed or its deadline passed.  So cancelling a node reaches every
+descendant in every process -- they all watch it -- and never a parent.
+
+Invariants:
+    - a node's closed flag only goes from 0 to 1; the first record staged
+      in it is the cause of the first ``cancel`` (later ones find it closed).
+    - the deadline of a context is the minimum along its chain.
+
+Ownership:
+    - ``cancel`` (picklable) is the only writer of its node; any process may
+      call it.  Segments are freed like channels: when no live process holds
+      a handle.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from . import _core, _shm
+from ._clock import monotonic_to_unix, remaining, unix_to_monotonic
+from ._codec import dumps
+from ._errors import Cancelled, DeadlineExceeded
+from ._wake import current_waiter, wake
+
+__all__ = [
+    "CancelFunc",
+    "Context",
+    "background",
+    "with_cancel",
+    "with_deadline",
+    "with_timeout",
+    "with_value",
+]
+
+_SLICE = 0.25
+_NODE_RING = 4096
+
+
+class _Node:
+    """One cancellable context: a mapped segment."""
+
+    __slots__ = ("core", "name", "seg")
+
+    def __init__(self, seg: _shm.Segment) -> None:
+        self.seg = seg
+        self.core = seg.core
+        self.name = seg.name
+
+    @classmethod
+    def new(cls) -> _Node:
+        return cls(_shm.create_segment(0, _NODE_RING))
+
+    def cancelled(self) -> bool:
+        return bool(self.core.is_closed())
+
+    def cancel(self, cause: Any) -> None:
+        if self.core.is_closed():
+            return
+        try:
+            data = dumps((cause, time.monotonic()))
+        except Exception:
+            data = dumps((repr(cause), time.monotonic()))
+        st, _t, wakes = self.core.send(data, 0, 0, _core.NOBLOB, 0, 0)
+        if wakes:
+            wake(wakes)
+        _was, wakes = self.core.close()
+        if wakes:
+            wake(wakes)
+
+    def record(self) -> tuple[Any, float] | None:
+        data = self.core.peek()
+        if data is None:
+            return None
+        try:
+            rec = pickle.loads(data)
+        except Exception:
+            return (None, 0.0)
+        return (rec[0], float(rec[1]))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.core.transit(1)
+        return (_open_node, (self.name,))
+
+
+def _open_node(name: str) -> _Node:
+    seg = _shm.open_segment(name)
+    seg.core.transit(-1)
+    return _Node(seg)
+
+
+class Context:
+    """A Go context: cancellation, deadline and values, valid in every process.
+
+    Pickles to a handle that stays linked to the original.  Use as a context
+    manager to cancel it on leaving the block.
+    Process safety: every method may be called from any thread or process.
+    """
+
+    __slots__ = ("_chain", "_deadline", "_values")
+
+    def __init__(
+        self,
+        chain: tuple[_Node, ...] = (),
+        deadline: float | None = None,
+        values: tuple[tuple[Any, Any], ...] = (),
+    ) -> None:
+        self._chain = chain
+        self._deadline = deadline
+        self._values = values
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Context, (self._chain, self._deadline, self._values))
+
+    # -- internal protocol used by blocking calls ---------------------------
+
+    def _wait_cores(self) -> tuple[Any, ...]:
+        return tuple(n.core for n in self._chain)
+
+    def _monotonic_deadline(self) -> float | None:
+        return self._deadline
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancelled or past its deadline.  Never blocks."""
+        return self.err() is not None
+
+    def err(self) -> Cancelled | None:
+        """None while live; else a Cancelled or DeadlineExceeded instance.
+        Never blocks."""
+        first: tuple[float, Any] | None = None
+        for node in self._chain:
+            if node.cancelled():
+                rec = node.record()
+                when = rec[1] if rec else 0.0
+                if first is None or when < first[0]:
+                    first = (when, rec[0] if rec else None)
+        d = self._deadline
+        if d is not None and time.monotonic() >= d and (first is None or d <= first[0]):
+            return DeadlineExceeded()
+        if first is not None:
+            return Cancelled("context cancelled", first[1])
+        return None
+
+    def cause(self) -> Any:
+        """The cause given to ``cancel(cause)``, else ``err()``.  Never blocks."""
+        err = self.err()
+        if err is None:
+            return None
+        if not isinstance(err, DeadlineExceeded) and err.cause is not None:
+            return err.cause
+        return err
+
+    def check(self) -> None:
+        """Raise Cancelled / DeadlineExceeded if done.  Never blocks."""
+        if not self._chain and self._deadline is None:
+            return
+        err = self.err()
+        if err is not None:
+            raise err
+
+    def deadline(self) -> float | None:
+        """The earliest deadline of the chain as unix time, or None.  Never blocks."""
+        return None if self._deadline is None else monotonic_to_unix(self._deadline)
+
+    def value(self, key: Hashable) -> Any:
+        """The value bound to ``key`` here or in an ancestor, else None.  Never blocks."""
+        for k, v in reversed(self._values):
+            if k == key:
+                return v
+        return None
+
+    @property
+    def draining(self) -> bool:
+        """True once a graceful drain was requested (see ``mpchan.main``).
+        Never blocks."""
+        return any(n.core.flag() for n in self._chain)
+
+    def _request_drain(self) -> None:
+        """Ask every holder of this context (and its descendants) to drain."""
+        if not self._chain:
+            raise ValueError("background context cannot drain")
+        _was, wakes = self._chain[0].core.set_flag()
+        if wakes:
+            wake(wakes)
+
+    def done(self) -> DoneCase:
+        """A receive-only, selectable object that is ready once this context
+        is done (``select`` returns ``ok=False`` for it).  Never blocks."""
+        return DoneCase(self, drain=False)
+
+    def drain_requested(self) -> DoneCase:
+        """A receive-only, selectable object ready once a drain was requested.
+        Never blocks."""
+        return DoneCase(self, drain=True)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the context is done; True if it is, False on timeout.
+
+        Blocks: up to ``timeout`` seconds (None: until done), using no CPU.
+        Cancellation: returning is the point.  Process safety: any thread.
+        """
+        from ._clock import deadline_after
+
+        end = deadline_after(timeout)
+        w = current_waiter()
+        cores = self._wait_cores()
+        while True:
+            if self.err() is not None:
+                return True
+            left = remaining(end)
+            if left is not None and left <= 0:
+                return False
+            for c in cores:
+                c.register(w.key, _core.W_RECV, 0, 0)
+            try:
+                if self.err() is not None:
+                    return True
+                waits = [_SLICE]
+                if left is not None:
+                    waits.append(left)
+                dl = remaining(self._deadline)
+                if dl is not None:
+                    waits.append(dl)
+                w.wait(min(waits))
+            finally:
+                for c in cores:
+                    c.unregister(w.key)
+
+    async def adone(self) -> None:
+        """Await until the context is done, without blocking the event loop."""
+        import asyncio
+
+        while not self.wait(0):
+            await asyncio.sleep(0.005)
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._chain:
+            self._chain[0].cancel(None)
+
+    def __repr__(self) -> str:
+        state = "done" if self.err() is not None else "live"
+        return f"<mpchan.Context {state} deadline={self.deadline()}>"
+
+
+class DoneCase:
+    """``ctx.done()`` / ``ctx.drain_requested()``: a receive-only select case."""
+
+    __slots__ = ("_ctx", "_drain")
+
+    def __init__(self, ctx: Context, drain: bool) -> None:
+        self._ctx = ctx
+        self._drain = drain
+
+    def _sel_poll(self) -> tuple[bool, Any, bool]:
+        if self._drain:
+            return (self._ctx.draining or self._ctx.err() is not None, None, False)
+        return (self._ctx.err() is not None, None, False)
+
+    def _sel_cores(self) -> tuple[Any, ...]:
+        return self._ctx._wait_cores()
+
+    def _sel_deadline(self) -> float | None:
+        return self._ctx._deadline
+
+    def recv(self, *, timeout: float | None = None) -> None:
+        """Wait until ready (returns None).
+
+        Blocks: up to ``timeout``; TimeoutError after it.  Process safety: any thread.
+        """
+        if self._drain:
+            from ._clock import deadline_after
+
+            end = deadline_after(timeout)
+            w = current_waiter()
+            while not self._sel_poll()[0]:
+                left = remaining(end)
+                if left is not None and left <= 0:
+                    raise TimeoutError("timed out")
+                cores = self._sel_cores()
+                for c in cores:
+                    c.register(w.key, _core.W_RECV, 0, 0)
+                try:
+                    if not self._sel_poll()[0]:
+                        w.wait(_SLICE if left is None else min(_SLICE, left))
+                finally:
+                    for c in cores:
+                        c.unregister(w.key)
+            return None
+        if not self._ctx.wait(timeout):
+            raise TimeoutError("timed out")
+        return None
+
+
+class CancelFunc:
+    """``cancel(cause=None)``: cancel a context (idempotent, picklable; a
+    worker may call it).  Never blocks."""
+
+    __slots__ = ("_node",)
+
+    def __init__(self, node: _Node) -> None:
+        self._node = node
+
+    def __call__(self, cause: Any = None) -> None:
+        self._node.cancel(cause)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CancelFunc, (self._node,))
+
+
+_BACKGROUND = Context()
+
+
+def background() -> Context:
+    """The root context: never cancelled, no deadline, no values."""
+    return _BACKGROUND
+
+
+def _check_parent(parent: Context) -> None:
+    if not isinstance(parent, Context):
+        raise TypeError(f"parent must be a Context, not {type(parent).__name__}")
+
+
+def with_cancel(parent: Context) -> tuple[Context, CancelFunc]:
+    """A child of ``parent`` with its own cancel.  Never blocks."""
+    _check_parent(parent)
+    node = _Node.new()
+    ctx = Context((node, *parent._chain), parent._deadline, parent._values)
+    return ctx, CancelFunc(node)
+
+
+def with_deadline(parent: Context, unix_time: float) -> tuple[Context, CancelFunc]:
+    """A child cancelled at ``unix_time`` (or earlier with the parent).  Never blocks."""
+    _check_parent(parent)
+    d = unix_to_monotonic(float(unix_time))
+    if parent._deadline is not None:
+        d = min(d, parent._deadline)
+    node = _Node.new()
+    ctx = Context((node, *parent._chain), d, parent._values)
+    return ctx, CancelFunc(node)
+
+
+def with_timeout(parent: Context, seconds: float) -> tuple[Context, CancelFunc]:
+    """A child cancelled ``seconds`` from now (or earlier with the parent)."""
+    return with_deadline(parent, time.time() + float(seconds))
+
+
+def with_value(parent: Context, key: Hashable, value: Any) -> Context:
+    """A child carrying ``key -> value``.  ``key`` must be hashable and not None."""
+    _check_parent(parent)
+    if key is None:
+        raise TypeError("context key must not be None")
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(f"context key must be hashable, not {type(key).__name__}") from None
+    return Context(parent._chain, parent._deadline, (*parent._values, (key, value)))
+
+
+CancelFuncT = Callable[..., None]

@@ -1,0 +1,294 @@
+"""Shared-memory segments and their life (layer 1).
+
+Layout on disk (Linux: ``/dev/shm``; elsewhere the temp directory)::
+
+    mpchan-<session>-c<id>            a channel segment (header + ring)
+    mpchan-<session>-c<id>-b<slot>-<gen>   a reusable out-of-band payload slot
+    mpchan-<session>-c<id>-e<rand>    a one-off out-of-band payload
+
+``<session>`` is a random token shared by every process of one program (the
+root process creates it and passes it on in ``MPCHAN_SESSION``); ``<id>`` and
+``<rand>`` are random too, so names are unguessable. Files are created with
+mode 0600 and ``O_EXCL``.
+
+Invariants:
+    - a channel segment records, inside itself, the pids of the processes
+      that hold a handle (``holders``) and the number of handles pickled but
+      not yet unpickled (``transit``); it is unlinked only when both are zero.
+    - payload files of a channel share its name as prefix, so unlinking a
+      channel removes them with one directory scan.
+    - nothing here registers with ``multiprocessing.resource_tracker``.
+
+Ownership:
+    - every process maps what it uses and detaches when its last local
+      handle goes (or at exit); the process whose detach leaves no live
+      holder unlinks the channel and its payload files.
+    - the reaper (``_reaper.py``, one per program, started by the root on
+      first use) unlinks what is left once the holders are dead, and
+      everything of the session once the root is gone -- also when the root
+      was killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import mmap
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import weakref
+from typing import Any
+
+from . import _core
+from ._compat import SHM_DIR
+
+__all__ = ["Segment", "create_segment", "open_segment", "session_token", "shm_path"]
+
+PREFIX = "mpchan-"
+_ENV = "MPCHAN_SESSION"
+
+_lock = threading.Lock()
+_session: str | None = None
+_reaper: subprocess.Popen[bytes] | None = None
+_is_root = False
+_pid = os.getpid()
+
+
+def shm_path(name: str) -> str:
+    """Absolute path of the segment file called ``name``."""
+    return os.path.join(SHM_DIR, name)
+
+
+def session_token() -> str:
+    """The program's session token, creating it (and the reaper) on first use.
+
+    Blocks: never (the reaper starts in the background).
+    Process safety: any thread of any process.
+    """
+    global _session, _is_root
+    if _session is not None:
+        return _session
+    with _lock:
+        if _session is None:
+            env = os.environ.get(_ENV, "")
+            token, _, root = env.partition(":")
+            if token and root.isdigit() and _pid_alive(int(root)):
+                _session = token
+            else:
+                _session = secrets.token_hex(6)
+                _is_root = True
+                os.environ[_ENV] = f"{_session}:{os.getpid()}"
+                _start_reaper(_session)
+    return _session
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start_reaper(token: str) -> None:
+    global _reaper
+    cmd = [sys.executable, "-m", "mpchan._reaper", token, str(os.getpid())]
+    env = dict(os.environ)
+    # the reaper must find this very package, also from a checkout
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p
+    )
+    _reaper = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+        start_new_session=True,  # a Ctrl-C to the terminal does not reach it
+        env=env,
+    )
+
+
+def reaper_pid() -> int | None:
+    """Pid of this program's reaper, if this process started it."""
+    return _reaper.pid if _reaper is not None else None
+
+
+def new_name(kind: str) -> str:
+    """A fresh, unguessable segment name of this session."""
+    return f"{PREFIX}{session_token()}-{kind}{secrets.token_hex(8)}"
+
+
+def create_file(name: str, size: int) -> int:
+    """Create segment file ``name`` (mode 0600, must not exist) of ``size`` bytes.
+
+    Returns an open fd; the caller closes it.
+    """
+    fd = os.open(shm_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(name)
+        raise
+    return fd
+
+
+def unlink_quietly(name: str) -> None:
+    """Unlink a segment file; a missing file is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_path(name))
+
+
+def unlink_with_payloads(name: str) -> None:
+    """Unlink channel segment ``name`` and every payload file of it."""
+    unlink_quietly(name)
+    prefix = name + "-"
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(SHM_DIR):
+            if entry.startswith(prefix):
+                unlink_quietly(entry)
+
+
+def map_file(name: str, size: int | None = None, *, create: bool = False) -> mmap.mmap:
+    """Map a (payload) segment file, pre-faulting its pages."""
+    if create:
+        assert size is not None
+        fd = create_file(name, size)
+    else:
+        fd = os.open(shm_path(name), os.O_RDWR)
+    try:
+        if size is None:
+            size = os.fstat(fd).st_size
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, size, flags=flags)
+    finally:
+        os.close(fd)
+
+
+class Segment:
+    """This process's mapping of one channel segment (shared by its handles).
+
+    Process safety: one per (process, segment); any thread may use it.
+    """
+
+    __slots__ = ("__weakref__", "_fin", "blob_maps", "core", "name", "pid")
+
+    name: str
+    core: Any
+    pid: int
+    blob_maps: dict[str, mmap.mmap]
+    _fin: weakref.finalize[Any, Any]
+
+    def release(self) -> None:
+        """Detach now (idempotent)."""
+        self._fin()
+
+
+_registry: weakref.WeakValueDictionary[str, Segment] = weakref.WeakValueDictionary()
+
+
+def _detach(name: str, core: Any, blob_maps: dict[str, mmap.mmap]) -> None:
+    for mm in blob_maps.values():
+        with contextlib.suppress(BufferError, ValueError):
+            mm.close()
+    blob_maps.clear()
+    try:
+        live = core.detach(os.getpid())
+    except ValueError:  # already unmapped
+        return
+    if live == 0:
+        unlink_with_payloads(name)
+    core.unmap()
+
+
+def create_segment(capacity: int, ring_size: int) -> Segment:
+    """Create, initialise and map a new channel segment.
+
+    Blocks: never.  Process safety: any thread of any process.
+    """
+    name = new_name("c")
+    size = _core.HDR_SIZE + ring_size
+    fd = create_file(name, size)
+    try:
+        core = _core.Chan(fd, size, True, capacity, ring_size)
+    except BaseException:
+        unlink_quietly(name)
+        raise
+    finally:
+        os.close(fd)
+    seg = _make_segment(name, core)
+    return seg
+
+
+def _make_segment(name: str, core: Any) -> Segment:
+    seg = Segment.__new__(Segment)
+    seg.name = name
+    seg.core = core
+    seg.pid = os.getpid()
+    seg.blob_maps = {}
+    seg._fin = weakref.finalize(seg, _detach, name, core, seg.blob_maps)
+    seg._fin.atexit = True
+    with _lock:
+        _registry[name] = seg
+    return seg
+
+
+def open_segment(name: str) -> Segment:
+    """Map an existing channel segment by name (one mapping per process).
+
+    Blocks: never.  Process safety: any thread of any process.
+    Raises FileNotFoundError when the channel no longer exists.
+    """
+    with _lock:
+        seg = _registry.get(name)
+    if seg is not None and seg.pid == os.getpid():
+        return seg
+    fd = os.open(shm_path(name), os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        core = _core.Chan(fd, size)
+    finally:
+        os.close(fd)
+    core.attach(os.getpid())
+    return _make_segment(name, core)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child holds the parent's mappings: count it as a holder."""
+    global _reaper, _is_root
+    _reaper = None
+    _is_root = False
+    me = os.getpid()
+    for seg in list(_registry.values()):
+        seg.pid = me
+        with contextlib.suppress(Exception):
+            seg.core.attach(me)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    for seg in list(_registry.values()):
+        seg.release()
+    if _is_root and _session is not None:
+        # the program ends: nothing of the session may outlive it
+        prefix = f"{PREFIX}{_session}-"
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.listdir(SHM_DIR):
+                if entry.startswith(prefix):
+                    unlink_quietly(entry)
+    if _reaper is not None and _reaper.poll() is None:
+        with contextlib.suppress(Exception):
+            _reaper.terminate()
+            _reaper.wait(timeout=2)
+
+
+atexit.register(_at_exit)

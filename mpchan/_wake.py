@@ -1,0 +1,173 @@
+"""Cross-process parking and wake-ups (layer 1).
+
+Every thread that ever waits owns a :class:`Waiter`: a non-blocking Unix
+datagram socket bound to an address derived from a random 63-bit key
+(Linux: the abstract namespace, so no file exists and nothing is left
+behind; elsewhere a socket file in a private temp directory). To park, a
+thread registers its key in the shared waiter table of every channel it
+waits on, re-checks, then polls its socket. To wake it, any process sends
+one byte to that address with ``MSG_DONTWAIT``.
+
+Why a socket:
+    - the waker never blocks: a full socket buffer means a wake-up is
+      already pending, and a dead waiter answers ECONNREFUSED at once;
+    - one thread can wait on many channels (select) with one descriptor;
+    - the descriptor is pollable, so an asyncio loop can wait on it too.
+
+A wake-up is only a hint: a woken thread always re-checks the state under
+the channel lock, so spurious or stale wake-ups are harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import select
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable
+
+__all__ = ["Waiter", "current_waiter", "wake"]
+
+_ABSTRACT = sys.platform.startswith("linux")
+_sockdir: str | None = None
+
+
+def _address(key: int) -> str | bytes:
+    if _ABSTRACT:
+        return b"\0mpchan-w-%016x" % key
+    return os.path.join(_socket_dir(), "w-%016x" % key)
+
+
+def _socket_dir() -> str:
+    global _sockdir
+    if _sockdir is None:
+        base = os.environ.get("MPCHAN_SOCKDIR")
+        if not base:
+            base = os.path.join(tempfile.gettempdir(), "mpchan-sock-%d" % os.getuid())
+            os.environ["MPCHAN_SOCKDIR"] = base
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        _sockdir = base
+    return _sockdir
+
+
+class Waiter:
+    """One thread's parking spot.
+
+    Process safety: owned by one thread; ``wake`` may target it from any
+    thread of any process.
+    """
+
+    __slots__ = ("_path", "_pid", "_poll", "key", "sock")
+
+    def __init__(self) -> None:
+        self.key = secrets.randbits(63) | 1
+        self._pid = os.getpid()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        addr = _address(self.key)
+        self._path = None if isinstance(addr, bytes) else addr
+        self.sock.bind(addr)
+        self._poll = select.poll()
+        self._poll.register(self.sock.fileno(), select.POLLIN)
+
+    def fileno(self) -> int:
+        """The pollable descriptor (readable when woken)."""
+        return self.sock.fileno()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Park until woken or ``timeout`` seconds pass; True when woken.
+
+        Blocks: up to ``timeout`` (None: until woken), using no CPU.
+        Cancellation: none here; callers register a context's wake source.
+        Process safety: only the owning thread.
+        """
+        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        try:
+            ready = self._poll.poll(ms)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            ready = []
+        if ready:
+            self.clear()
+            return True
+        return False
+
+    def clear(self) -> None:
+        """Drop pending wake-ups.  Never blocks."""
+        try:
+            while True:
+                self.sock.recv(64)
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        """Close the socket (and remove its file, where there is one)."""
+        self.sock.close()
+        if self._path is not None and self._pid == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+_tls = threading.local()
+_out: socket.socket | None = None
+_out_lock = threading.Lock()
+
+
+def current_waiter() -> Waiter:
+    """This thread's waiter (created on first use).  Never blocks."""
+    w: Waiter | None = getattr(_tls, "waiter", None)
+    if w is None:
+        w = Waiter()
+        _tls.waiter = w
+    return w
+
+
+def _sender() -> socket.socket:
+    global _out
+    s = _out
+    if s is None:
+        with _out_lock:
+            if _out is None:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                s.setblocking(False)
+                _out = s
+            s = _out
+    assert s is not None
+    return s
+
+
+def wake(keys: Iterable[int]) -> list[int]:
+    """Wake the waiters with these keys; return the keys found dead.
+
+    Blocks: never (a full buffer means a wake-up is pending already).
+    Process safety: any thread of any process.
+    """
+    s = _sender()
+    dead: list[int] = []
+    for key in keys:
+        try:
+            s.sendto(b"\1", socket.MSG_DONTWAIT, _address(key))
+        except BlockingIOError:
+            pass
+        except (ConnectionRefusedError, FileNotFoundError):
+            dead.append(key)
+        except OSError:
+            pass
+    return dead
+
+
+def _after_fork_in_child() -> None:
+    # the parent's sockets belong to the parent's threads
+    global _out, _tls
+    _out = None
+    _tls = threading.local()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
