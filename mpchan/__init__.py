@@ -30,7 +30,9 @@ from ._errors import (
     WorkerCrashed,
     WouldBlock,
 )
+from ._go import GoHandle, go
 from ._select import select
+from ._supervisor import Supervisor
 from ._sync import WaitGroup
 from ._timer import Timer, after, tick
 
@@ -39,6 +41,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CancelFunc",
     "Cancelled",
+    "GoHandle",
+    "Supervisor",
     "Channel",
     "ChannelClosed",
     "Context",
@@ -57,7 +61,9 @@ __all__ = [
     "__version__",
     "after",
     "background",
+    "go",
     "select",
+    "shutdown",
     "tick",
     "with_cancel",
     "with_deadline",
@@ -66,11 +72,24 @@ __all__ = [
 ]
 
 
-def _idle_pids() -> set[int]:
-    """Pids of mpchan's own idle infrastructure (for leak checks)."""
-    from . import _shm
+def shutdown(timeout: float | None = None) -> None:
+    """Stop every process of the program that mpchan started (busy ones are
+    terminated, then killed after ``timeout``; default grace 5 s) and free
+    what they held.  Later calls start afresh.
 
-    pids: set[int] = set()
+    Blocks: until every worker has exited.
+    """
+    from . import _supervisor
+
+    _supervisor.shutdown(timeout)
+
+
+def _idle_pids() -> set[int]:
+    """Pids of mpchan's own idle infrastructure (for leak checks): the reaper
+    and the idle processes of the warm cache."""
+    from . import _shm, _supervisor
+
+    pids: set[int] = set(_supervisor._idle_pids())
     rp = _shm.reaper_pid()
     if rp is not None:
         pids.add(rp)

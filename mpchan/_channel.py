@@ -24,6 +24,7 @@ record under the lock (``retract``), so it either happened or left nothing.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import secrets
 import struct
 from time import perf_counter
@@ -53,6 +54,10 @@ OP_NEED_RECEIVER, OP_SELECT = _core.OP_NEED_RECEIVER, _core.OP_SELECT
 NOBLOB = _core.NOBLOB
 REC = _core.REC_SIZE
 
+_SIMPLE = frozenset({int, float, str, bool, type(None)})  # never out-of-band buffers
+_dumps = pickle.dumps
+_loads = pickle.loads
+
 TAG_BLOB = 0x100  # record payload is a descriptor of an out-of-band payload file
 _DESC = struct.Struct("<iQ16sQH")  # slot, gen, one-off id, pickle/raw length, n buffers
 _LEN = struct.Struct("<Q")
@@ -60,12 +65,12 @@ _LEN = struct.Struct("<Q")
 _SLICE = 0.25  # longest single park: a safety net, never the wake-up path
 _SPIN_S = 20e-6  # spin this long (locked re-checks) before parking
 _MIN_RING = 64 * 1024
-_MAX_RING = 8 * 1024 * 1024
+_MAX_RING = 64 * 1024 * 1024
 _BLOB_MIN = 1 << 20
 
 
 def _ring_size_for(capacity: int) -> int:
-    size = max(_MIN_RING, min(_MAX_RING, capacity * 256))
+    size = max(_MIN_RING, min(_MAX_RING, capacity * 128))
     return (size + 7) & ~7
 
 
@@ -177,7 +182,13 @@ class Channel:
     def _encode(self, value: Any) -> tuple[int, Any, int]:
         """Return (tag, record payload, blob slot).  Copies big payloads into
         a payload file now, before any channel state changes."""
-        if type(value) is memoryview:
+        t = type(value)
+        if t in _SIMPLE:
+            data = _dumps(value, 5)
+            if len(data) <= self._inline:
+                return TAG_PICKLE, data, NOBLOB
+            return self._to_blob(TAG_PICKLE, data, [])
+        if t is memoryview:
             value = value.cast("B") if value.c_contiguous else value.tobytes()
         tag, data, bufs = encode(value)
         if not bufs and len(data) <= self._inline:
@@ -506,6 +517,11 @@ class Channel:
         if st == OK:
             if wakes:
                 self._wake(wakes)
+            if tag == TAG_PICKLE:
+                try:
+                    return _loads(data)
+                except Exception as exc:
+                    raise SerializationError(f"cannot unpickle value: {exc}") from exc
             return self._decode(data, tag, blob)
         if st == CLOSED:
             raise EndOfChannel("channel closed and drained")

@@ -94,13 +94,26 @@ class WorkerCrashed(MpchanError, BrokenProcessPool):
         self.cause = cause
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_crashed, (str(self), self.pid, self.exitcode, self.signal, self.cause))
+        task = self.task if isinstance(self.task, (str, int, float, tuple, type(None))) else repr(
+            self.task
+        )
+        return (
+            _rebuild_crashed,
+            (str(self), self.pid, self.exitcode, self.signal, self.cause, task),
+        )
 
 
 def _rebuild_crashed(
-    message: str, pid: int | None, exitcode: int | None, signal: str | None, cause: str | None
+    message: str,
+    pid: int | None,
+    exitcode: int | None,
+    signal: str | None,
+    cause: str | None,
+    task: Any = None,
 ) -> WorkerCrashed:
-    return WorkerCrashed(message, pid=pid, exitcode=exitcode, signal=signal, cause=cause)
+    return WorkerCrashed(
+        message, pid=pid, exitcode=exitcode, signal=signal, cause=cause, task=task
+    )
 
 
 class TaskTimeout(MpchanError):

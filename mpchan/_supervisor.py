@@ -72,7 +72,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import _compat
+from . import _compat, _shm
 from ._errors import ShutdownError, WorkerCrashed
 from ._worker import DEATHWATCH_THREAD_NAME, ORPHANED_EXITCODE, QUIT, worker_main
 
@@ -189,6 +189,9 @@ class Supervisor:
             idle_timeout = _env_idle_timeout()
         if idle_timeout < 0:
             raise ValueError(f"idle_timeout must be >= 0, not {idle_timeout}")
+        # Workers must inherit the program's shared-memory session (and a
+        # forkserver its environment), so it exists before any process starts.
+        _shm.session_token()
         self._start_method = method
         self._max_idle = max_idle
         self._idle_timeout = float(idle_timeout)

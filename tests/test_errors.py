@@ -172,7 +172,6 @@ def test_errors_can_be_raised_and_caught_by_their_bases() -> None:
         raise ShutdownError("shut down")
 
 
-@pytest.mark.xfail(reason="WorkerCrashed.__reduce__ does not carry `task` yet", strict=False)
 def test_worker_crashed_pickles_its_task() -> None:
     back = _roundtrip(WorkerCrashed("dead", pid=1, task="f(1)"))
     assert isinstance(back, WorkerCrashed)
