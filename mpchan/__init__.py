@@ -1,81 +1,105 @@
 """mpchan: Go's concurrency model -- channels, select, contexts, worker pools --
 across OS processes, with data in shared memory.
 
-This module is the public facade; everything else is internal.
+This module is the public facade; everything else is internal.  Names are
+imported lazily (PEP 562), so ``import mpchan`` -- done by every worker
+process at start -- stays cheap.
 """
 
 from __future__ import annotations
 
-from ._channel import Channel
-from ._context import (
-    CancelFunc,
-    Context,
-    background,
-    with_cancel,
-    with_deadline,
-    with_timeout,
-    with_value,
-)
-from ._errors import (
-    Cancelled,
-    ChannelClosed,
-    DeadlineExceeded,
-    DeadlockError,
-    EndOfChannel,
-    MpchanError,
-    RemoteError,
-    SerializationError,
-    ShutdownError,
-    TaskTimeout,
-    WorkerCrashed,
-    WouldBlock,
-)
-from ._go import GoHandle, go
-from ._select import select
-from ._supervisor import Supervisor
-from ._sync import WaitGroup
-from ._timer import Timer, after, tick
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CancelFunc",
-    "Cancelled",
-    "GoHandle",
-    "Supervisor",
-    "Channel",
-    "ChannelClosed",
-    "Context",
-    "DeadlineExceeded",
-    "DeadlockError",
-    "EndOfChannel",
-    "MpchanError",
-    "RemoteError",
-    "SerializationError",
-    "ShutdownError",
-    "TaskTimeout",
-    "Timer",
-    "WaitGroup",
-    "WorkerCrashed",
-    "WouldBlock",
-    "__version__",
-    "after",
-    "background",
-    "go",
-    "select",
-    "shutdown",
-    "tick",
-    "with_cancel",
-    "with_deadline",
-    "with_timeout",
-    "with_value",
-]
+# public name -> internal module that defines it
+_EXPORTS: dict[str, str] = {
+    # errors
+    "MpchanError": "_errors",
+    "ChannelClosed": "_errors",
+    "EndOfChannel": "_errors",
+    "WouldBlock": "_errors",
+    "SerializationError": "_errors",
+    "Cancelled": "_errors",
+    "DeadlineExceeded": "_errors",
+    "WorkerCrashed": "_errors",
+    "TaskTimeout": "_errors",
+    "ShutdownError": "_errors",
+    "DeadlockError": "_errors",
+    "RemoteError": "_errors",
+    # channels, select, timers, sync
+    "Channel": "_channel",
+    "select": "_select",
+    "after": "_timer",
+    "tick": "_timer",
+    "Timer": "_timer",
+    "WaitGroup": "_sync",
+    # contexts
+    "Context": "_context",
+    "CancelFunc": "_context",
+    "background": "_context",
+    "with_cancel": "_context",
+    "with_timeout": "_context",
+    "with_deadline": "_context",
+    "with_value": "_context",
+    # processes
+    "Supervisor": "_supervisor",
+    "go": "_go",
+    "GoHandle": "_go",
+}
+
+if TYPE_CHECKING:
+    from ._channel import Channel
+    from ._context import (
+        CancelFunc,
+        Context,
+        background,
+        with_cancel,
+        with_deadline,
+        with_timeout,
+        with_value,
+    )
+    from ._errors import (
+        Cancelled,
+        ChannelClosed,
+        DeadlineExceeded,
+        DeadlockError,
+        EndOfChannel,
+        MpchanError,
+        RemoteError,
+        SerializationError,
+        ShutdownError,
+        TaskTimeout,
+        WorkerCrashed,
+        WouldBlock,
+    )
+    from ._go import GoHandle, go
+    from ._select import select
+    from ._supervisor import Supervisor
+    from ._sync import WaitGroup
+    from ._timer import Timer, after, tick
+
+__all__ = sorted([*_EXPORTS, "__version__", "shutdown"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mpchan' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 def shutdown(timeout: float | None = None) -> None:
     """Stop every process of the program that mpchan started (busy ones are
-    terminated, then killed after ``timeout``; default grace 5 s) and free
-    what they held.  Later calls start afresh.
+    terminated, then killed after ``timeout``; default grace 5 s).  Later
+    calls start afresh.
 
     Blocks: until every worker has exited.
     """
@@ -87,10 +111,15 @@ def shutdown(timeout: float | None = None) -> None:
 def _idle_pids() -> set[int]:
     """Pids of mpchan's own idle infrastructure (for leak checks): the reaper
     and the idle processes of the warm cache."""
-    from . import _shm, _supervisor
+    import sys
 
-    pids: set[int] = set(_supervisor._idle_pids())
-    rp = _shm.reaper_pid()
-    if rp is not None:
-        pids.add(rp)
+    pids: set[int] = set()
+    sup = sys.modules.get(f"{__name__}._supervisor")
+    if sup is not None:
+        pids |= sup._idle_pids()
+    shm = sys.modules.get(f"{__name__}._shm")
+    if shm is not None:
+        rp = shm.reaper_pid()
+        if rp is not None:
+            pids.add(rp)
     return pids
