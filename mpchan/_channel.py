@@ -27,8 +27,8 @@ import contextlib
 import pickle
 import secrets
 import struct
-from time import perf_counter
 from collections.abc import Iterable, Iterator
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from . import _core, _shm
@@ -246,14 +246,15 @@ class Channel:
             self._core.blob_set(slot, size)
             maps[name] = mm
             return mm
-        mm = maps.get(name)
-        if mm is None:
-            prefix = f"{self._name}-b{slot}-"
-            for k in [k for k in maps if k.startswith(prefix)]:
-                with contextlib.suppress(BufferError):
-                    maps.pop(k).close()
-            mm = _shm.map_file(name)
-            maps[name] = mm
+        cached = maps.get(name)
+        if cached is not None:
+            return cached
+        prefix = f"{self._name}-b{slot}-"  # an older generation of this slot
+        for k in [k for k in maps if k.startswith(prefix)]:
+            with contextlib.suppress(BufferError):
+                maps.pop(k).close()
+        mm = _shm.map_file(name)
+        maps[name] = mm
         return mm
 
     def _drop_blob(self, slot: int, name: str, mm: Any) -> None:
@@ -454,8 +455,11 @@ class Channel:
             while i < n:
                 tag, payload, blob = encoded[i]
                 j = i
-                while j < n and encoded[j][0] == tag and encoded[j][2] == NOBLOB and (
-                    type(encoded[j][1]) is bytes
+                while (
+                    j < n
+                    and encoded[j][0] == tag
+                    and encoded[j][2] == NOBLOB
+                    and (type(encoded[j][1]) is bytes)
                 ):
                     j += 1
                 if j > i:
@@ -486,7 +490,9 @@ class Channel:
                 self._release_unsent(tag, payload, blob)
             raise
 
-    def _wait_space(self, deadline: float | None, timeout: float | None, ctx: Context | None) -> None:
+    def _wait_space(
+        self, deadline: float | None, timeout: float | None, ctx: Context | None
+    ) -> None:
         core = self._core
         w = current_waiter()
         core.register(w.key, W_SEND, 0, 0)

@@ -78,7 +78,7 @@ class _Node:
             data = dumps((cause, time.monotonic()))
         except Exception:
             data = dumps((repr(cause), time.monotonic()))
-        st, _t, wakes = self.core.send(data, 0, 0, _core.NOBLOB, 0, 0)
+        _st, _t, wakes = self.core.send(data, 0, 0, _core.NOBLOB, 0, 0)
         if wakes:
             wake(wakes)
         _was, wakes = self.core.close()

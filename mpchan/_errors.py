@@ -94,8 +94,10 @@ class WorkerCrashed(MpchanError, BrokenProcessPool):
         self.cause = cause
 
     def __reduce__(self) -> tuple[Any, ...]:
-        task = self.task if isinstance(self.task, (str, int, float, tuple, type(None))) else repr(
+        task = (
             self.task
+            if isinstance(self.task, (str, int, float, tuple, type(None)))
+            else repr(self.task)
         )
         return (
             _rebuild_crashed,
@@ -111,9 +113,7 @@ def _rebuild_crashed(
     cause: str | None,
     task: Any = None,
 ) -> WorkerCrashed:
-    return WorkerCrashed(
-        message, pid=pid, exitcode=exitcode, signal=signal, cause=cause, task=task
-    )
+    return WorkerCrashed(message, pid=pid, exitcode=exitcode, signal=signal, cause=cause, task=task)
 
 
 class TaskTimeout(MpchanError):

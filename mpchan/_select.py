@@ -25,7 +25,7 @@ import random
 from typing import Any
 
 from . import _core
-from ._channel import CLOSED, NOBLOB, OK, OP_NEED_RECEIVER, OP_SELECT, Channel, _SLICE
+from ._channel import _SLICE, CLOSED, NOBLOB, OK, OP_NEED_RECEIVER, OP_SELECT, Channel
 from ._clock import deadline_after, remaining
 from ._errors import ChannelClosed
 from ._wake import current_waiter
@@ -44,7 +44,7 @@ class _Case:
         self.kind = kind
         self.obj = obj
         self.ch: Channel | None = obj if isinstance(obj, Channel) else None
-        self.core = obj._core if self.ch is not None else None
+        self.core: Any = obj._core if self.ch is not None else None
         self.tag = 0
         self.payload: Any = None
         self.blob = NOBLOB
@@ -154,8 +154,11 @@ def _park(parsed: list[_Case], key: int, token: int, deadline: float | None) -> 
     waits: list[float] = [_SLICE]
     # At most one unbuffered send is staged per park (two staged values could
     # both be taken); the others wait to be told that a receiver arrived.
-    unbuffered = [i for i, c in enumerate(parsed) if c.kind == _SEND and c.ch is not None
-                  and c.ch.capacity == 0]
+    unbuffered = [
+        i
+        for i, c in enumerate(parsed)
+        if c.kind == _SEND and c.ch is not None and c.ch.capacity == 0
+    ]
     stage_at = random.choice(unbuffered) if unbuffered else -1
     try:
         ready = False
@@ -171,9 +174,7 @@ def _park(parsed: list[_Case], key: int, token: int, deadline: float | None) -> 
                     c.core.register(key, _W_SEND_SEL, token, 0)
                     registered.append(c.core)
                 elif c.ch.capacity == 0:
-                    st, ticket, wakes = c.core.send(
-                        c.payload, c.tag, token, c.blob, OP_SELECT, key
-                    )
+                    st, ticket, wakes = c.core.send(c.payload, c.tag, token, c.blob, OP_SELECT, key)
                     registered.append(c.core)
                     if wakes:
                         c.ch._wake(wakes)

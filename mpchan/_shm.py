@@ -101,9 +101,7 @@ def _start_reaper(token: str) -> None:
     env = dict(os.environ)
     # the reaper must find this very package, also from a checkout
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
     _reaper = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,

@@ -39,7 +39,7 @@ _sockdir: str | None = None
 def _address(key: int) -> str | bytes:
     if _ABSTRACT:
         return b"\0mpchan-w-%016x" % key
-    return os.path.join(_socket_dir(), "w-%016x" % key)
+    return os.path.join(_socket_dir(), f"w-{key:016x}")
 
 
 def _socket_dir() -> str:
@@ -47,7 +47,7 @@ def _socket_dir() -> str:
     if _sockdir is None:
         base = os.environ.get("MPCHAN_SOCKDIR")
         if not base:
-            base = os.path.join(tempfile.gettempdir(), "mpchan-sock-%d" % os.getuid())
+            base = os.path.join(tempfile.gettempdir(), f"mpchan-sock-{os.getuid()}")
             os.environ["MPCHAN_SOCKDIR"] = base
         os.makedirs(base, mode=0o700, exist_ok=True)
         _sockdir = base
