@@ -52,6 +52,17 @@ __all__ = [
 
 _SLICE = 0.25
 _NODE_RING = 4096
+# Invariant: a cause record fits in the ring many times over, so the first
+# cancel's record is always staged whatever later cancels try to add.
+_MAX_RECORD = _NODE_RING // 4
+
+
+def _short_repr(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<unprintable {type(obj).__name__}>"
+    return text if len(text) <= _MAX_RECORD // 2 else text[: _MAX_RECORD // 2] + "..."
 
 
 class _Node:
@@ -74,13 +85,26 @@ class _Node:
     def cancel(self, cause: Any) -> None:
         if self.core.is_closed():
             return
-        try:
-            data = dumps((cause, time.monotonic()))
-        except Exception:
-            data = dumps((repr(cause), time.monotonic()))
-        _st, _t, wakes = self.core.send(data, 0, 0, _core.NOBLOB, 0, 0)
-        if wakes:
-            wake(wakes)
+        when = time.monotonic()
+        # Racing cancels may each stage a record; the ring keeps them in lock
+        # order, so the first one staged -- the first cancel -- is the cause.
+        # A cause that cannot be pickled, or would not fit in the node's ring,
+        # travels as (a prefix of) its repr instead: the cancel itself never fails.
+        for make in (
+            lambda: dumps((cause, when)),
+            lambda: dumps((_short_repr(cause), when)),
+        ):
+            try:
+                data = make()
+            except Exception:
+                continue
+            if len(data) > _MAX_RECORD:
+                continue
+            st, _t, wakes = self.core.send(data, 0, 0, _core.NOBLOB, 0, 0)
+            if wakes:
+                wake(wakes)
+            if st == _core.OK:
+                break
         _was, wakes = self.core.close()
         if wakes:
             wake(wakes)
@@ -114,20 +138,25 @@ class Context:
     Process safety: every method may be called from any thread or process.
     """
 
-    __slots__ = ("_chain", "_deadline", "_values")
+    __slots__ = ("_chain", "_deadline", "_own", "_values")
 
     def __init__(
         self,
         chain: tuple[_Node, ...] = (),
         deadline: float | None = None,
         values: tuple[tuple[Any, Any], ...] = (),
+        own: bool = False,
     ) -> None:
+        # Invariant: chain[0] belongs to this context (made for it by
+        # with_cancel/with_deadline) iff _own; a with_value child shares its
+        # parent's chain and must never cancel it.
         self._chain = chain
         self._deadline = deadline
         self._values = values
+        self._own = own and bool(chain)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Context, (self._chain, self._deadline, self._values))
+        return (Context, (self._chain, self._deadline, self._values, self._own))
 
     # -- internal protocol used by blocking calls ---------------------------
 
@@ -176,7 +205,13 @@ class Context:
             return
         err = self.err()
         if err is not None:
-            raise err
+            # Break the cycle error -> traceback -> this frame -> error, so the
+            # context's segments go when the caller drops them, not at the
+            # next garbage collection.
+            try:
+                raise err
+            finally:
+                del err
 
     def deadline(self) -> float | None:
         """The earliest deadline of the chain as unix time, or None.  Never blocks."""
@@ -257,7 +292,10 @@ class Context:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._chain:
+        # Leaving the block cancels this context and its descendants.  A
+        # context without a node of its own (background, with_value) has
+        # nothing to cancel that is not its parent's, so nothing happens.
+        if self._own:
             self._chain[0].cancel(None)
 
     def __repr__(self) -> str:
@@ -347,7 +385,7 @@ def with_cancel(parent: Context) -> tuple[Context, CancelFunc]:
     """A child of ``parent`` with its own cancel.  Never blocks."""
     _check_parent(parent)
     node = _Node.new()
-    ctx = Context((node, *parent._chain), parent._deadline, parent._values)
+    ctx = Context((node, *parent._chain), parent._deadline, parent._values, own=True)
     return ctx, CancelFunc(node)
 
 
@@ -358,7 +396,7 @@ def with_deadline(parent: Context, unix_time: float) -> tuple[Context, CancelFun
     if parent._deadline is not None:
         d = min(d, parent._deadline)
     node = _Node.new()
-    ctx = Context((node, *parent._chain), d, parent._values)
+    ctx = Context((node, *parent._chain), d, parent._values, own=True)
     return ctx, CancelFunc(node)
 
 
@@ -376,7 +414,7 @@ def with_value(parent: Context, key: Hashable, value: Any) -> Context:
         hash(key)
     except TypeError:
         raise TypeError(f"context key must be hashable, not {type(key).__name__}") from None
-    return Context(parent._chain, parent._deadline, (*parent._values, (key, value)))
+    return Context(parent._chain, parent._deadline, (*parent._values, (key, value)), own=False)
 
 
 CancelFuncT = Callable[..., None]
