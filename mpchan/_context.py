@@ -90,12 +90,9 @@ class _Node:
         # order, so the first one staged -- the first cancel -- is the cause.
         # A cause that cannot be pickled, or would not fit in the node's ring,
         # travels as (a prefix of) its repr instead: the cancel itself never fails.
-        for make in (
-            lambda: dumps((cause, when)),
-            lambda: dumps((_short_repr(cause), when)),
-        ):
+        for whole in (True, False):
             try:
-                data = make()
+                data = dumps((cause if whole else _short_repr(cause), when))
             except Exception:
                 continue
             if len(data) > _MAX_RECORD:
