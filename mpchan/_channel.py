@@ -346,6 +346,7 @@ class Channel:
         core = self._core
         w = current_waiter()
         deadline = _effective_deadline(timeout, ctx)
+        staged = False  # once staged, _await_taken owns the payload
         try:
             while True:
                 st, ticket, wakes = core.send(payload, tag, 0, blob, 0, w.key)
@@ -353,6 +354,7 @@ class Channel:
                     self._wake(wakes)
                 if st == OK:
                     if self._cap == 0:
+                        staged = True
                         self._await_taken(w, ticket, deadline, timeout, ctx, tag, payload, blob)
                     return
                 if st == CLOSED:
@@ -368,12 +370,9 @@ class Channel:
                     self._pass_on(W_SEND)
                     raise
                 core.unregister(w.key)
-        except _Withdrawn as exc:
-            # the staged value was withdrawn (and its payload released)
-            assert exc.__cause__ is not None
-            raise exc.__cause__ from None
         except BaseException:
-            self._release_unsent(tag, payload, blob)
+            if not staged:
+                self._release_unsent(tag, payload, blob)
             raise
 
     def _await_taken(
@@ -400,12 +399,14 @@ class Channel:
                     raise ChannelClosed("send on closed channel")
                 _park(w, (core,), deadline, timeout, ctx, W_SEND)
         except BaseException as exc:
+            # no exception chaining here: a cycle through the traceback
+            # would keep this channel (and its segment) alive until a GC
             consumed, _blob = core.retract(ticket)
             if consumed and isinstance(exc, Exception):
                 return  # taken after all: the send happened
             if not consumed:
                 self._release_unsent(tag, payload, blob)
-            raise _Withdrawn() from exc
+            raise
         finally:
             core.unregister(w.key)
 
@@ -687,10 +688,6 @@ def _raise_timeout(timeout: float | None, ctx: Context | None) -> None:
     if ctx is not None:
         ctx.check()  # a passed context deadline raises DeadlineExceeded
     raise TimeoutError(f"timed out after {timeout} s")
-
-
-class _Withdrawn(Exception):
-    """Internal: an unbuffered send gave up and withdrew its staged value."""
 
 
 # ---------------------------------------------------------------- handles

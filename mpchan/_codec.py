@@ -50,7 +50,9 @@ def encode(value: Any) -> tuple[int, Any, list[pickle.PickleBuffer]]:
     try:
         return TAG_PICKLE, _dumps(value, 5, buffer_callback=take), bufs
     except (pickle.PicklingError, AttributeError) as exc:
-        first: BaseException = exc
+        # keep the message only: holding the exception would tie its
+        # traceback's frames (and the channel in them) into a cycle
+        first = str(exc)
     except Exception as exc:
         raise SerializationError(f"cannot pickle {t.__name__!s} value: {exc}") from exc
     bufs.clear()

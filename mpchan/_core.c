@@ -1267,6 +1267,30 @@ static PyObject *Chan_waiters(ChanObject *c, PyObject *Py_UNUSED(a)) {
     return l;
 }
 
+
+/* _die_locked(mode): test hook -- take the lock and _exit(9) holding it.
+ * mode 1: first write half a record at the tail (never committed);
+ * mode 2: first write a whole record at the tail, but do not commit it. */
+static PyObject *Chan_die_locked(ChanObject *c, PyObject *arg) {
+    CHECK_OPEN(c);
+    long mode = PyLong_AsLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    if (chan_lock(c) < 0) return NULL;
+    hdr_t *h = c->h;
+    uint64_t off = h->tail % h->ring_size;
+    if (mode && h->ring_size - off >= REC + 64) {
+        rec_t *r = (rec_t *)(c->ring + off);
+        r->len = mode == 1 ? 4096 : 64;
+        r->flags = 0;
+        r->ticket = h->next_ticket;
+        r->token = 0;
+        r->blob = NOBLOB;
+        memset(c->ring + off + REC, 0xAB, 64);
+    }
+    _exit(9);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Chan_methods[] = {
     {"unmap", (PyCFunction)Chan_unmap, METH_NOARGS, "Unmap the segment (idempotent)."},
     {"send", (PyCFunction)(void (*)(void))Chan_send, METH_FASTCALL, "Append one record."},
@@ -1302,6 +1326,7 @@ static PyMethodDef Chan_methods[] = {
      "Free a slot."},
     {"blobs", (PyCFunction)Chan_blobs, METH_NOARGS, "Slots with a segment."},
     {"waiters", (PyCFunction)Chan_waiters, METH_NOARGS, "Waiter table (tests)."},
+    {"_die_locked", (PyCFunction)Chan_die_locked, METH_O, "Test hook: die holding the lock."},
     {NULL, NULL, 0, NULL},
 };
 
