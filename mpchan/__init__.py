@@ -47,6 +47,13 @@ _EXPORTS: dict[str, str] = {
     "Supervisor": "_supervisor",
     "go": "_go",
     "GoHandle": "_go",
+    # pipelines and program entry
+    "stream": "_stream",
+    "Stream": "_stream",
+    "merge": "_fan",
+    "fan_out": "_fan",
+    "tee": "_fan",
+    "main": "_main",
 }
 
 if TYPE_CHECKING:
@@ -74,8 +81,11 @@ if TYPE_CHECKING:
         WorkerCrashed,
         WouldBlock,
     )
+    from ._fan import fan_out, merge, tee
     from ._go import GoHandle, go
+    from ._main import main
     from ._select import select
+    from ._stream import Stream, stream
     from ._supervisor import Supervisor
     from ._sync import WaitGroup
     from ._timer import Timer, after, tick

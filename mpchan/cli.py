@@ -3,18 +3,24 @@
 Commands::
 
     mpchan --version
+    mpchan run MODULE:FUNC [MODULE:FUNC@N ...] [--range A:B | --input FILE] [options]
     mpchan bench [--quick] [--json FILE] [--plot FILE] [--peers LIST]
 
-Exit status: 0 success, 1 failure, 2 usage error (click's convention).
+Exit status: 0 success, 1 failure (a task failed), 2 usage error (click's
+convention; also a bad MODULE:FUNC, unreadable input, malformed JSON),
+130 after SIGINT, 143 after SIGTERM.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
 
 import click
 
@@ -54,7 +60,294 @@ def cli() -> None:
     """mpchan: Go-style channels, select, contexts and worker pools across processes."""
 
 
-# `mpchan run MODULE:FUNC ...` (spec section 3) will be registered here.
+# ----------------------------------------------------------------------------- mpchan run
+
+
+class _BadUsage(Exception):
+    """A problem with the command line or its input: one line on stderr, status 2."""
+
+
+def _resolve(spec: str, default_workers: int) -> tuple[str, Callable[[Any], Any], int]:
+    """``MODULE:FUNC[@N]`` -> (label, function, workers)."""
+    target, _, count = spec.partition("@")
+    workers = default_workers
+    if count:
+        try:
+            workers = int(count)
+        except ValueError:
+            raise _BadUsage(f"{spec!r}: the worker count after '@' must be an integer") from None
+        if workers < 1:
+            raise _BadUsage(f"{spec!r}: the worker count after '@' must be at least 1")
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise _BadUsage(f"{spec!r}: expected MODULE:FUNC (for example workers.primes:count)")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise _BadUsage(f"{spec!r}: no module named {module_name!r}") from None
+        raise _BadUsage(f"{spec!r}: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise _BadUsage(
+            f"{spec!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise _BadUsage(f"{spec!r}: module {module_name!r} has no {attr!r}") from None
+    if not callable(obj):
+        raise _BadUsage(f"{spec!r}: {attr!r} is not callable")
+    return target, obj, workers
+
+
+def _parse_range(text: str) -> range:
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return range(int(start), int(stop))
+    except ValueError:
+        raise _BadUsage(f"--range {text!r}: expected A:B with integers A and B") from None
+
+
+def _read_items(fh: IO[str], name: str, jsonl: bool) -> Iterator[Any]:
+    """One item a line (the newline stripped); JSON values with ``jsonl``."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(fh, 1):  # noqa: B007 - used after the loop on error
+            text = line.rstrip("\r\n")
+            if not jsonl:
+                yield text
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _BadUsage(f"{name}:{lineno}: malformed JSON: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _BadUsage(f"cannot read {name} (line {lineno + 1}): {exc}") from None
+
+
+class _Writer:
+    """Writes one result a line, flushed at least every 0.1 s."""
+
+    def __init__(self, fh: IO[str], jsonl: bool, progress: Any) -> None:
+        self.fh = fh
+        self.jsonl = jsonl
+        self.progress = progress
+        self.count = 0
+        self.last_flush = time.monotonic()
+
+    def __call__(self, value: Any) -> None:
+        text = json.dumps(value) if self.jsonl else str(value)
+        self.fh.write(text + "\n")
+        self.count += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        now = time.monotonic()
+        if now - self.last_flush >= 0.1:
+            self.fh.flush()
+            self.last_flush = now
+
+
+def _progress_bar(enabled: bool | None, total: int | None) -> Any:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, file=sys.stderr, unit="item", dynamic_ncols=True)
+
+
+def _use_start_method(method: str | None) -> None:
+    if method is None:
+        return
+    import mpchan
+    from mpchan import _supervisor  # no public setter for the program's supervisor yet
+
+    _supervisor.set_supervisor(mpchan.Supervisor(start_method=method))
+
+
+@cli.command(name="run")
+@click.argument("funcs", nargs=-1, required=True, metavar="MODULE:FUNC[@N]...")
+@click.option(
+    "--input",
+    "input_file",
+    metavar="FILE",
+    help="Read items from FILE, one a line (default: stdin).",
+)
+@click.option("--jsonl", is_flag=True, help="Items and results are JSON, one a line.")
+@click.option("--range", "range_text", metavar="A:B", help="Items are the integers A..B-1.")
+@click.option("--output", "output_file", metavar="FILE", help="Write results to FILE.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Workers per stage (default: CPU count)."
+)
+@click.option(
+    "--ordered/--unordered", default=True, help="Results in input order (default) or as done."
+)
+@click.option(
+    "--chunksize", type=click.IntRange(min=1), default=1, help="Items sent together (default 1)."
+)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per task.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, help="Retries per failed task.")
+@click.option(
+    "--on-error",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    help="Stop at the first failed task (default) or skip failed items.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr (default: when stderr is a terminal).",
+)
+@click.option(
+    "--start-method",
+    type=click.Choice(["spawn", "forkserver", "fork"]),
+    help="How worker processes start.",
+)
+def run(
+    funcs: tuple[str, ...],
+    input_file: str | None,
+    jsonl: bool,
+    range_text: str | None,
+    output_file: str | None,
+    workers: int | None,
+    ordered: bool,
+    chunksize: int,
+    timeout: float | None,
+    retries: int,
+    on_error: str,
+    progress: bool | None,
+    start_method: str | None,
+) -> None:
+    """Apply MODULE:FUNC to every input item in parallel; several form a pipeline.
+
+    FUNC@N runs that stage in N worker processes. MODULE is imported with
+    the current directory on sys.path. The first Ctrl-C stops reading input
+    and lets the items in flight finish (their results are written); a
+    second one stops at once.
+    """
+    try:
+        status = _run(
+            funcs,
+            input_file,
+            jsonl,
+            range_text,
+            output_file,
+            workers,
+            ordered,
+            chunksize,
+            timeout,
+            retries,
+            on_error,
+            progress,
+            start_method,
+        )
+    except _BadUsage as exc:
+        click.echo(f"mpchan run: error: {exc}", err=True)
+        status = 2
+    sys.exit(status)
+
+
+def _run(
+    funcs: tuple[str, ...],
+    input_file: str | None,
+    jsonl: bool,
+    range_text: str | None,
+    output_file: str | None,
+    workers: int | None,
+    ordered: bool,
+    chunksize: int,
+    timeout: float | None,
+    retries: int,
+    on_error: str,
+    progress: bool | None,
+    start_method: str | None,
+) -> int:
+    cwd = os.getcwd()
+    if not sys.path or sys.path[0] != cwd:
+        sys.path.insert(0, cwd)
+    # worker processes import MODULE too, whatever their start method
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, os.environ.get("PYTHONPATH")]))
+    default_workers = workers or os.cpu_count() or 1
+    stages = [_resolve(spec, default_workers) for spec in funcs]
+    if range_text is not None and input_file is not None:
+        raise _BadUsage("give either --range or --input, not both")
+
+    import mpchan
+
+    source: Any
+    total: int | None = None
+    in_fh: IO[str] | None = None
+    if range_text is not None:
+        source = _parse_range(range_text)
+        total = len(source)
+    elif input_file is None or input_file == "-":
+        source = _read_items(sys.stdin, "<stdin>", jsonl)
+    else:
+        try:
+            in_fh = open(input_file, encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise _BadUsage(f"cannot read {input_file}: {exc.strerror or exc}") from None
+        source = _read_items(in_fh, input_file, jsonl)
+    out_fh: IO[str] = sys.stdout
+    if output_file is not None and output_file != "-":
+        try:
+            out_fh = open(output_file, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise _BadUsage(f"cannot write {output_file}: {exc.strerror or exc}") from None
+    _use_start_method(start_method)
+
+    outcome: dict[str, Any] = {}
+
+    def job(ctx: Any) -> None:
+        s = mpchan.stream(source, ctx=ctx, chunksize=chunksize)
+        last = len(stages) - 1
+        for i, (_label, fn, n) in enumerate(stages):
+            s = s.map(
+                fn,
+                workers=n,
+                ordered=ordered and i == last,
+                on_error=on_error,  # type: ignore[arg-type]
+                retries=retries,
+                timeout=timeout,
+            )
+        bar = _progress_bar(progress, total)
+        writer = _Writer(out_fh, jsonl, bar)
+        try:
+            s.run(writer)
+        except _BadUsage as exc:
+            outcome["usage"] = exc
+        finally:
+            out_fh.flush()
+            if bar is not None:
+                bar.close()
+        failures = s.stats()
+        failed = sum(st["failed"] for st in failures)
+        if failed:
+            click.echo(f"mpchan run: {failed} item(s) failed and were skipped", err=True)
+            for item, error in s.failures()[:5]:
+                click.echo(f"  {item}: {error}", err=True)
+
+    try:
+        status = mpchan.main(job)
+    finally:
+        if in_fh is not None:
+            in_fh.close()
+        if out_fh is not sys.stdout:
+            out_fh.close()
+        mpchan.shutdown()
+    if "usage" in outcome and status in (0, 1):
+        raise outcome["usage"]
+    return status
+
+
 
 
 @cli.command()
