@@ -1,0 +1,1039 @@
+"""Pool: a supervised worker pool that is a ``concurrent.futures.Executor`` (layer 7).
+
+Data flow::
+
+    submit/map (caller threads)                        pool workers (processes)
+    ---------------------------                        ------------------------
+    pickle the call here --+                          +--> pool_worker_loop (_poolworker)
+                           v                          |      recv_many -> run -> send reply
+    _pending (deque) --> _assign: slot.queue += task  |          |   (one reply per task,
+        ^                 send to slot.ch ------------+          |    before the next task)
+        |                 (a channel per worker)                 v
+        |                                             results (one channel, shared)
+        | refill slot                                            |
+        +------------ collector thread <-------------------------+
+                      ("mpchan-pool-collector"): recv_many, pop slot.queue head,
+                      complete the Future, refill; worker deaths (supervisor
+                      callback -> _events + wake), task timeouts, drain.
+
+Each worker is a supervised process (``_supervisor``: death watch, signals)
+running :func:`pool_worker_loop` as one long task; when it ends, the
+supervisor completes that task's Future, whose callback tells the collector.
+
+Invariants:
+    * ``slot.queue`` lists, oldest first, every task assigned to the worker
+      and not answered; the worker runs them in that order and answers each
+      before starting the next, so ``slot.queue[0]`` is the one it is
+      running (when it is ready and not retiring).
+    * A slot's channel never holds more than ``_DEPTH_MAX`` messages (the
+      channel's capacity), so sending to it never blocks.
+    * Every task's Future is completed exactly once, by whoever removes the
+      task from ``_pending`` or a ``slot.queue`` under ``_lock``.
+    * The dead worker's replies are all read before its death is handled:
+      they were written before it exited, the death event after.
+
+Ownership:
+    * ``_lock`` guards ``_pending``, ``_slots`` and every slot's fields,
+      and the pool's state flags; it is never held while a Future is
+      completed (callbacks run user code) or a process is started.
+    * Only the collector thread reads the result channel, handles deaths,
+      starts replacement workers and closes worker channels (after
+      ``shutdown(wait=False)`` it finishes the job on its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, InvalidStateError
+from functools import partial
+from typing import Any, TypeVar
+
+import cloudpickle
+
+from . import _supervisor
+from ._channel import Channel
+from ._context import Context
+from ._errors import (
+    Cancelled,
+    ChannelClosed,
+    SerializationError,
+    ShutdownError,
+    TaskTimeout,
+    WorkerCrashed,
+    WouldBlock,
+)
+from ._poolworker import (
+    CALL,
+    CHUNK1,
+    CHUNKN,
+    INIT_FAILED,
+    READY,
+    RES_HDR,
+    RETIRING,
+    TASK_HDR,
+    WAKE,
+    pool_worker_loop,
+)
+from ._worker import RESULT, decode_reply, describe_callable, encode_task
+
+__all__ = ["Pool"]
+
+T = TypeVar("T")
+
+COLLECTOR_THREAD = "mpchan-pool-collector"
+WATCHER_THREAD = "mpchan-pool-ctx"
+
+_DEPTH_MAX = 64  # most tasks queued at one worker (its channel's capacity)
+_RESULTS_CAPACITY = 4096
+_TICK = 0.05  # longest collector wait when timeouts or drains need watching
+_QUEUE_TARGET = 0.002  # seconds of work to keep queued at each worker
+_CHUNK_TARGET = 0.005  # seconds of work per automatic chunk
+_CHUNK_MAX = 65536
+_WINDOW_PER_WORKER = 16  # default chunks in flight per worker for map
+_MAX_INIT_CRASHES = 3  # workers dying before ready, in a row, before the pool breaks
+
+_loads = pickle.loads
+_dumps = pickle.dumps
+_HIGHEST = pickle.HIGHEST_PROTOCOL
+_R = RESULT[0]
+_WAKE_MSG = RES_HDR.pack(WAKE, 0, 0.0)
+
+
+class _Task:
+    __slots__ = ("future", "kind", "msg", "n", "name", "owner", "retries", "running", "tid")
+
+    def __init__(
+        self, tid: int, msg: bytes, name: str, retries: int, kind: int, n: int, owner: Any
+    ) -> None:
+        self.tid = tid
+        self.msg = msg
+        self.name = name
+        self.retries = retries
+        self.kind = kind
+        self.n = n  # items (1 for a call)
+        self.owner = owner  # a _MapRun that learns from the timing, or None
+        self.future: Future[Any] = Future()
+        self.running = False
+
+
+class _Slot:
+    """The parent's view of one pool worker."""
+
+    __slots__ = (
+        "assigned",
+        "ch",
+        "done",
+        "loop",
+        "proc",
+        "queue",
+        "ready",
+        "retiring",
+        "started_at",
+        "timed_out",
+        "wid",
+        "worker",
+    )
+
+    def __init__(self, worker: _supervisor.Worker, ch: Channel) -> None:
+        self.wid = worker.id
+        self.worker = worker
+        self.ch = ch
+        self.loop: Future[bytes] | None = None
+        # Invariant: the fields below change only under Pool._lock.
+        self.queue: deque[_Task] = deque()
+        self.ready = False
+        self.retiring = False  # told to stop, or announced it leaves: nothing runs
+        self.started_at = 0.0  # when queue[0] started (monotonic)
+        self.timed_out = -1  # tid of the task it was killed for
+        self.assigned = 0
+        self.done = 0
+        self.proc: Any = None  # psutil.Process, made by stats()
+
+
+def _encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    return b"T" + _dump((fn, args, kwargs), fn)
+
+
+def _dump(obj: Any, fn: Any) -> bytes:
+    # The C pickler is several times faster than cloudpickle; functions of
+    # __main__, lambdas and closures need cloudpickle (by value).
+    if getattr(fn, "__module__", None) != "__main__":
+        try:
+            return _dumps(obj, _HIGHEST)
+        except Exception:
+            pass
+    data: bytes = cloudpickle.dumps(obj, protocol=_HIGHEST)
+    return data
+
+
+class Pool(Executor):
+    """A pool of supervised worker processes; a real :class:`concurrent.futures.Executor`.
+
+    ``workers`` (default: the CPU count) processes run tasks; a worker that
+    dies fails only the task it was running (:class:`mpchan.WorkerCrashed`,
+    or the task runs again while ``retries`` allows) and is replaced.
+    ``task_timeout`` (seconds) kills and replaces a worker whose task
+    overruns and fails the task with :class:`mpchan.TaskTimeout`.
+    ``max_tasks_per_worker`` / ``max_memory_per_worker`` (bytes of RSS)
+    recycle a worker between tasks. ``initializer(*initargs)`` runs once in
+    each worker; if it raises, the pool is broken (pending tasks and later
+    submits fail with :class:`mpchan.WorkerCrashed`). ``ctx``: cancelling it
+    fails pending tasks with :class:`mpchan.Cancelled` and stops the
+    workers; a drain request stops intake and finishes what is in flight.
+
+    Process safety: every method may be called from any thread of the
+    process that made the pool; the pool does not pickle.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        start_method: str | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
+        task_timeout: float | None = None,
+        retries: int = 0,
+        ctx: Context | None = None,
+    ) -> None:
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise TypeError(f"workers must be an int, not {type(workers).__name__}")
+        if workers <= 0:
+            raise ValueError(f"workers must be > 0, not {workers}")
+        for name, value in (
+            ("max_tasks_per_worker", max_tasks_per_worker),
+            ("max_memory_per_worker", max_memory_per_worker),
+            ("task_timeout", task_timeout),
+        ):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0 or None, not {value}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, not {retries}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be callable")
+        if ctx is not None:
+            ctx.check()
+        self._nworkers = workers
+        self._own_sup: _supervisor.Supervisor | None = None
+        sup = _supervisor.get_supervisor()
+        if start_method is not None and start_method != sup.start_method:
+            sup = self._own_sup = _supervisor.Supervisor(start_method, max_idle=0)
+        self._sup = sup
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._max_tasks = max_tasks_per_worker
+        self._max_memory = max_memory_per_worker
+        self._task_timeout = task_timeout
+        self._retries = retries
+        self._ctx = ctx
+        self._loop_args: bytes | None = None
+        self._tids = itertools.count()
+        self._lock = threading.Lock()
+        self._pending: deque[_Task] = deque()
+        self._slots: dict[int, _Slot] = {}
+        self._events: deque[tuple[int, Future[bytes]]] = deque()
+        self._closed = False  # no more submits (shutdown, drain, cancel, broken)
+        self._stopping = False  # workers are told to leave once nothing is left
+        self._drained = False  # closed by a drain: a running map ends quietly
+        self._broken: BaseException | None = None
+        self._init_crashes = 0
+        self._ema = 0.0  # seconds per task (exponential average)
+        self._depth = 2
+        self._counts = {"submitted": 0, "completed": 0, "crashed": 0, "timed_out": 0, "retried": 0}
+        self._done_event = threading.Event()
+        self._results = Channel(_RESULTS_CAPACITY)
+        self._collector = threading.Thread(target=self._collect, name=COLLECTOR_THREAD, daemon=True)
+        self._watcher: threading.Thread | None = None
+        try:
+            for _ in range(workers):
+                self._start_slot()
+        except BaseException:
+            self._abort()
+            raise
+        self._collector.start()
+        if ctx is not None:
+            self._watcher = threading.Thread(target=self._watch_ctx, name=WATCHER_THREAD, daemon=True)
+            self._watcher.start()
+        _live_pools.add(self)
+
+    # -- public API -------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        """The number of worker processes the pool keeps. Never blocks."""
+        return self._nworkers
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)`` in a worker; return its Future.
+
+        The call is pickled here: if it cannot be, the returned Future holds
+        :class:`mpchan.SerializationError` and nothing was sent. A remote
+        exception keeps its type (remote traceback as ``__cause__``).
+
+        Blocks: never (tasks queue in the parent when every worker is busy).
+        Cancellation: raises :class:`mpchan.ShutdownError` after shutdown or
+        drain began, :class:`mpchan.Cancelled` once the pool's ``ctx`` is
+        cancelled; ``future.cancel()`` works until a worker was given the task.
+        Process safety: any thread.
+        """
+        name = describe_callable(fn)
+        try:
+            msg = TASK_HDR.pack(0, CALL) + _encode_call(fn, args, kwargs)
+        except Exception as e:
+            self._check_open()
+            fut: Future[Any] = Future()
+            err = SerializationError(f"cannot pickle the task {name}: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            fut.set_exception(err)
+            return fut
+        return self._submit_msg(msg, name, CALL, 1, None).future
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        ordered: bool = True,
+        buffersize: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[T]:
+        """Return an iterator of ``fn(*args)`` for the items of ``iterables`` zipped.
+
+        The input is read lazily: at most ``buffersize`` items (default: a
+        few chunks per worker) are submitted and not yet yielded, so an
+        endless iterator runs in flat memory. ``chunksize=None`` picks chunk
+        sizes from the measured task time (about 5 ms of work per chunk,
+        and enough chunks to keep every worker busy). Results come in input
+        order (``ordered=False``: as they finish); a task's exception is
+        raised when iteration reaches it. ``progress=True`` shows a tqdm
+        progress bar on stderr.
+
+        Blocks: the call submits the first window and returns; iteration
+        blocks until the next result is ready.
+        Cancellation: ``timeout`` counts from this call; when it passes,
+        iteration raises the builtin :class:`TimeoutError` and cancels what
+        was not started. A drain (``pool.drain()`` or a draining ``ctx``)
+        stops reading the input and yields what was in flight; a cancelled
+        ``ctx`` raises :class:`mpchan.Cancelled`.
+        Process safety: any thread; one thread iterates a given iterator.
+        """
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, not {chunksize}")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError(f"buffersize must be >= 1, not {buffersize}")
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        self._check_open()
+        run = _MapRun(self, fn, iterables, timeout, chunksize, ordered, buffersize, progress)
+        run.top_up()
+        return run.results()
+
+    def imap_unordered(
+        self,
+        fn: Callable[..., T],
+        iterable: Iterable[Any],
+        *,
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[T]:
+        """``map(fn, iterable, ordered=False, ...)``: results as they finish.
+
+        Blocks, Cancellation, Process safety: as :meth:`map`.
+        """
+        return self.map(
+            fn,
+            iterable,
+            timeout=timeout,
+            chunksize=chunksize,
+            ordered=False,
+            buffersize=buffersize,
+            progress=progress,
+        )
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; finish the queued ones, then stop the workers.
+
+        ``cancel_futures=True`` cancels the tasks no worker was given yet.
+        Workers leave once nothing is left for them; a worker without an
+        initializer goes back to the warm cache, others exit.
+
+        Blocks: with ``wait=True``, until every task finished and every
+        worker left the pool; else never.
+        Cancellation: none; idempotent.
+        Process safety: any thread, also a Future callback (then it does not wait).
+        """
+        cancelled: list[_Task] = []
+        with self._lock:
+            self._closed = True
+            self._stopping = True
+            if cancel_futures:
+                cancelled = list(self._pending)
+                self._pending.clear()
+        for task in cancelled:
+            task.future.cancel()
+        self._wake()
+        if wait and threading.current_thread() is not self._collector:
+            self._wait_stopped(None)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting work, finish what is queued and in flight, stop the workers.
+
+        A running ``map`` stops reading its input and yields what was in flight.
+
+        Blocks: until done, or ``timeout`` seconds.
+        Cancellation: on expiry raises the builtin :class:`TimeoutError`;
+        the drain goes on in the background.
+        Process safety: any thread.
+        """
+        self._drained = True
+        self.shutdown(wait=False)
+        if not self._wait_stopped(timeout):
+            raise TimeoutError(f"the pool did not drain within {timeout} s")
+
+    @property
+    def draining(self) -> bool:
+        """True once shutdown or drain began (or the pool's ctx is draining). Never blocks."""
+        return self._closed or (self._ctx is not None and self._ctx.draining)
+
+    def stats(self) -> dict[str, Any]:
+        """Plain data: per worker pid its state, tasks done, RSS and CPU%; queue depth.
+
+        Never blocks (beyond reading /proc through psutil).
+        """
+        import psutil
+
+        with self._lock:
+            slots = list(self._slots.values())
+            rows = []
+            for s in slots:
+                if s.proc is None:
+                    with contextlib.suppress(psutil.Error):
+                        s.proc = psutil.Process(s.worker.pid)
+                        s.proc.cpu_percent(None)
+                state = (
+                    "retiring"
+                    if s.retiring
+                    else "starting"
+                    if not s.ready
+                    else "busy"
+                    if s.queue
+                    else "idle"
+                )
+                rows.append((s, state, s.done, len(s.queue)))
+            depth = len(self._pending)
+            counts = dict(self._counts)
+        workers: dict[int, dict[str, Any]] = {}
+        for s, state, done, queued in rows:
+            rss: int | None = None
+            cpu: float | None = None
+            if s.proc is not None:
+                with contextlib.suppress(psutil.Error):
+                    rss = int(s.proc.memory_info().rss)
+                    cpu = float(s.proc.cpu_percent(None))
+            workers[s.worker.pid] = {
+                "state": state,
+                "tasks_done": done,
+                "queued": queued,
+                "rss": rss,
+                "cpu_percent": cpu,
+            }
+        return {
+            "workers": workers,
+            "queue_depth": depth,
+            "closed": self._closed,
+            "broken": self._broken is not None,
+            **counts,
+        }
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        state = "broken" if self._broken else "closed" if self._closed else "open"
+        return f"<mpchan.Pool workers={self._nworkers} {state}>"
+
+    # -- submission -------------------------------------------------------------
+
+    def _quiet_stop(self) -> bool:
+        # True when intake stopped because of a drain (not a shutdown,
+        # cancellation or breakage): a running map then ends normally.
+        if self._ctx is not None and self._ctx.cancelled:
+            return False
+        if self._broken is not None:
+            return False
+        return self._drained or (self._ctx is not None and self._ctx.draining)
+
+    def _check_open(self) -> None:
+        if self._ctx is not None and self._ctx.cancelled:
+            self._ctx.check()
+        if self._broken is not None:
+            raise WorkerCrashed(f"the pool is broken: {self._broken}") from self._broken
+        if self._closed:
+            raise ShutdownError("cannot submit to a pool after shutdown or drain began")
+
+    def _submit_msg(self, msg: bytes, name: str, kind: int, n: int, owner: Any) -> _Task:
+        tid = next(self._tids)
+        # The header's task id is patched in place of the placeholder 0.
+        msg = TASK_HDR.pack(tid, kind) + memoryview(msg)[TASK_HDR.size :]
+        task = _Task(tid, msg, name, self._retries, kind, n, owner)
+        with self._lock:
+            if self._closed or self._broken is not None:
+                self._check_open()
+            if self._ctx is not None and self._ctx.draining:
+                self._closed = True
+                self._check_open()
+            self._counts["submitted"] += 1
+            if not self._pending:
+                slot = self._pick_slot()
+                if slot is not None:
+                    self._assign(slot, task)
+                    return task
+            self._pending.append(task)
+        return task
+
+    def _submit_chunk(self, fn: Any, items: list[Any], kind: int, owner: Any) -> _Task:
+        name = describe_callable(fn)
+        try:
+            msg = TASK_HDR.pack(0, kind) + _dump((fn, items), fn)
+        except Exception as e:
+            self._check_open()
+            task = _Task(-1, b"", name, 0, kind, len(items), None)
+            err = SerializationError(f"cannot pickle a task of {name}: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            task.future.set_exception(err)
+            return task
+        return self._submit_msg(msg, name, kind, len(items), owner)
+
+    def _pick_slot(self) -> _Slot | None:
+        # Caller holds _lock. The least loaded worker with room, if any.
+        best: _Slot | None = None
+        depth = self._depth
+        for s in self._slots.values():
+            n = len(s.queue)
+            if n >= depth or s.retiring:
+                continue
+            if self._max_tasks is not None and s.assigned >= self._max_tasks:
+                continue
+            if best is None or n < len(best.queue):
+                best = s
+                if n == 0:
+                    break
+        return best
+
+    def _assign(self, slot: _Slot, task: _Task) -> bool:
+        # Caller holds _lock. False if the task was cancelled meanwhile.
+        if not task.running:
+            if not task.future.set_running_or_notify_cancel():
+                return False
+            task.running = True
+        q = slot.queue
+        if not q:
+            slot.started_at = time.monotonic()
+        q.append(task)
+        slot.assigned += 1
+        # Never blocks: fewer than _DEPTH_MAX messages are queued (Invariants).
+        slot.ch.send(task.msg)
+        return True
+
+    def _fill(self, slot: _Slot) -> None:
+        # Caller holds _lock.
+        pending = self._pending
+        depth = self._depth
+        max_tasks = self._max_tasks
+        while pending and len(slot.queue) < depth and not slot.retiring:
+            if max_tasks is not None and slot.assigned >= max_tasks:
+                break
+            self._assign(slot, pending.popleft())
+
+    # -- workers ----------------------------------------------------------------
+
+    def _start_slot(self) -> None:
+        worker = self._sup.acquire()
+        try:
+            ch = Channel(_DEPTH_MAX)
+            request = encode_task(
+                pool_worker_loop,
+                (
+                    ch,
+                    self._results,
+                    worker.id,
+                    self._initializer,
+                    self._initargs,
+                    self._max_tasks,
+                    self._max_memory,
+                    self._initializer is not None,
+                ),
+                {},
+            )
+        except BaseException:
+            self._sup.release(worker)
+            raise
+        slot = _Slot(worker, ch)
+        with self._lock:
+            self._slots[slot.wid] = slot
+            self._fill(slot)
+        loop = self._sup.run(worker, request, name="mpchan pool worker", release=False)
+        slot.loop = loop
+        loop.add_done_callback(partial(self._on_loop_done, slot.wid))
+
+    def _on_loop_done(self, wid: int, loop: Future[bytes]) -> None:
+        # Runs on the supervisor thread (or here, if already done): hand over.
+        self._events.append((wid, loop))
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(WouldBlock, ChannelClosed, OSError):
+            self._results.send_nowait(_WAKE_MSG)
+
+    def _abort(self) -> None:
+        # __init__ failed: give back what was made.
+        with self._lock:
+            slots = list(self._slots.values())
+            self._slots.clear()
+            self._closed = True
+        for s in slots:
+            s.ch.close()
+            with contextlib.suppress(OSError):
+                os.kill(s.worker.pid, signal.SIGKILL)
+        for s in slots:
+            if s.loop is not None:
+                with contextlib.suppress(BaseException):
+                    s.loop.exception(timeout=5)
+        self._results.close()
+        if self._own_sup is not None:
+            self._own_sup.shutdown()
+
+    # -- the collector thread -----------------------------------------------------
+
+    def _collect(self) -> None:
+        rch = self._results
+        try:
+            while True:
+                timeout = _TICK if (self._task_timeout or self._stopping) else 1.0
+                try:
+                    items = rch.recv_many(512, timeout=timeout)
+                except TimeoutError:
+                    items = []
+                if items:
+                    self._on_replies(items)
+                if self._events:
+                    while len(rch):
+                        self._on_replies(rch.recv_many(512))
+                    while self._events:
+                        wid, loop = self._events.popleft()
+                        self._on_worker_gone(wid, loop)
+                if self._task_timeout is not None:
+                    self._check_timeouts()
+                if self._stopping and self._stop_idle_workers():
+                    break
+        except BaseException as e:  # a bug here must not hang every caller
+            self._break(e)
+            raise
+        finally:
+            self._finish()
+
+    def _on_replies(self, items: list[bytes]) -> None:
+        done: list[tuple[_Task, memoryview, int]] = []
+        now = time.monotonic()
+        with self._lock:
+            slots = self._slots
+            for msg in items:
+                tid, wid, secs = RES_HDR.unpack_from(msg)
+                if tid < 0:
+                    self._on_control(tid, wid, msg, now)
+                    continue
+                slot = slots.get(wid)
+                if slot is None or not slot.queue or slot.queue[0].tid != tid:
+                    continue  # a reply for a task already settled (cancelled pool)
+                task = slot.queue.popleft()
+                slot.done += 1
+                if slot.queue:
+                    slot.started_at = now
+                if task.owner is not None:
+                    task.owner.observe(secs, task.n)
+                self._ema = secs if not self._ema else 0.8 * self._ema + 0.2 * secs
+                done.append((task, memoryview(msg)[RES_HDR.size :], wid))
+                self._fill(slot)
+            if done:
+                self._counts["completed"] += len(done)
+                ema = self._ema
+                self._depth = (
+                    1
+                    if ema > 0.01
+                    else max(2, min(_DEPTH_MAX, int(_QUEUE_TARGET / max(ema, 1e-6)) + 1))
+                )
+                for s in slots.values():
+                    if len(s.queue) < self._depth and self._pending:
+                        self._fill(s)
+        for task, reply, wid in done:
+            self._settle(task, reply, wid)
+
+    def _settle(self, task: _Task, reply: memoryview, wid: int) -> None:
+        fut = task.future
+        try:
+            if reply[0] == _R:
+                try:
+                    value = _loads(reply[1:])
+                except BaseException as e:
+                    err = SerializationError(
+                        f"cannot unpickle the result of {task.name}: {type(e).__name__}: {e}"
+                    )
+                    err.__cause__ = e
+                    raise err from e
+            else:
+                where = f"pool worker {wid} running {task.name}"
+                value = decode_reply(reply, where=where)
+        except BaseException as e:
+            with contextlib.suppress(InvalidStateError):
+                fut.set_exception(e)
+            return
+        with contextlib.suppress(InvalidStateError):
+            fut.set_result(value)
+
+    def _on_control(self, tid: int, wid: int, msg: bytes, now: float) -> None:
+        # Caller holds _lock.
+        slot = self._slots.get(wid)
+        if slot is None:
+            return
+        if tid == READY:
+            slot.ready = True
+            self._init_crashes = 0
+            if slot.queue:
+                slot.started_at = now
+        elif tid == RETIRING:
+            slot.retiring = True
+        elif tid == INIT_FAILED and self._broken is None:
+            try:
+                decode_reply(memoryview(msg)[RES_HDR.size :], where=f"pool worker {wid} initializer")
+            except BaseException as e:
+                self._broken = e
+                self._closed = True
+
+    def _on_worker_gone(self, wid: int, loop: Future[bytes]) -> None:
+        exc = loop.exception()
+        crashed: _Task | None = None
+        with self._lock:
+            slot = self._slots.pop(wid, None)
+            if slot is None:
+                return
+            # Whatever is still in its channel never started: take it back.
+            with contextlib.suppress(Exception):
+                while len(slot.ch):
+                    slot.ch.recv_many(_DEPTH_MAX)
+            slot.ch.close()
+            tasks = list(slot.queue)
+            slot.queue.clear()
+            died = isinstance(exc, WorkerCrashed)
+            if tasks and died and slot.ready and not slot.retiring:
+                crashed = tasks.pop(0)
+            if died and not slot.ready and not slot.retiring:
+                self._init_crashes += 1
+                if self._init_crashes >= _MAX_INIT_CRASHES and self._broken is None:
+                    self._broken = WorkerCrashed(
+                        f"{_MAX_INIT_CRASHES} pool workers in a row died before they were ready"
+                    )
+                    self._broken.__cause__ = exc
+                    self._closed = True
+            if crashed is not None and slot.timed_out != crashed.tid and crashed.retries > 0:
+                crashed.retries -= 1
+                self._counts["retried"] += 1
+                tasks.insert(0, crashed)
+                crashed = None
+            self._pending.extendleft(reversed(tasks))
+            replace = not self._stopping and self._broken is None
+        if crashed is not None:
+            if slot.timed_out == crashed.tid:
+                self._counts["timed_out"] += 1
+                err: BaseException = TaskTimeout(
+                    f"{crashed.name} ran longer than task_timeout={self._task_timeout} s in "
+                    f"pool worker {wid} (pid {slot.worker.pid}); the worker was replaced"
+                )
+            else:
+                self._counts["crashed"] += 1
+                err = _supervisor.crashed_error(
+                    slot.worker, getattr(exc, "exitcode", None), crashed.name
+                )
+            with contextlib.suppress(InvalidStateError):
+                crashed.future.set_exception(err)
+        if exc is None:
+            # The loop returned: the worker is held by us and reusable.
+            with contextlib.suppress(Exception):
+                self._sup.release(slot.worker)
+        if self._broken is not None:
+            self._fail_all(self._broken)
+            return
+        if replace:
+            try:
+                self._start_slot()
+            except BaseException as e:
+                self._break(e)
+        else:
+            with self._lock:
+                for s in self._slots.values():
+                    self._fill(s)
+
+    def _check_timeouts(self) -> None:
+        limit = self._task_timeout
+        assert limit is not None
+        now = time.monotonic()
+        with self._lock:
+            for s in self._slots.values():
+                if (
+                    s.queue
+                    and s.ready
+                    and not s.retiring
+                    and s.timed_out < 0
+                    and now - s.started_at > limit
+                ):
+                    s.timed_out = s.queue[0].tid
+                    with contextlib.suppress(OSError):
+                        os.kill(s.worker.pid, signal.SIGKILL)
+
+    def _stop_idle_workers(self) -> bool:
+        # Shutting down: tell workers with nothing left to leave. True once
+        # no worker is left.
+        with self._lock:
+            if self._pending:
+                return False
+            for s in self._slots.values():
+                if not s.queue and not s.ch.closed:
+                    s.retiring = True
+                    s.ch.close()
+            return not self._slots
+
+    def _break(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._broken is None:
+                self._broken = exc
+            self._closed = True
+        self._fail_all(self._broken or exc)
+
+    def _fail_all(self, exc: BaseException, kill: bool = False) -> None:
+        with self._lock:
+            tasks = list(self._pending)
+            self._pending.clear()
+            self._closed = True
+            self._stopping = True
+            slots = list(self._slots.values())
+            for s in slots:
+                tasks.extend(s.queue)
+                s.queue.clear()
+                if kill:
+                    s.retiring = True
+        for task in tasks:
+            with contextlib.suppress(InvalidStateError):
+                task.future.set_exception(_copy_error(exc))
+        for s in slots:
+            if kill:
+                with contextlib.suppress(OSError):
+                    os.kill(s.worker.pid, signal.SIGKILL)
+            else:
+                s.ch.close()
+
+    def _finish(self) -> None:
+        # The collector is leaving: no worker is left (or the pool broke).
+        with self._lock:
+            slots = list(self._slots.values())
+            self._slots.clear()
+            self._closed = True
+        for s in slots:
+            s.ch.close()
+            with contextlib.suppress(OSError):
+                os.kill(s.worker.pid, signal.SIGKILL)
+            if s.loop is not None:
+                with contextlib.suppress(BaseException):
+                    s.loop.exception(timeout=5)
+        self._results.close()
+        if self._own_sup is not None:
+            self._own_sup.shutdown()
+        _live_pools.discard(self)
+        self._done_event.set()
+
+    def _wait_stopped(self, timeout: float | None) -> bool:
+        if not self._collector.is_alive() and not self._done_event.is_set():
+            return True  # never started
+        done = self._done_event.wait(timeout)
+        if done:
+            self._collector.join()
+            if self._watcher is not None and self._watcher is not threading.current_thread():
+                self._watcher.join()
+        return done
+
+    # -- context --------------------------------------------------------------------
+
+    def _watch_ctx(self) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        draining = False
+        while not self._done_event.is_set():
+            if ctx.wait(_TICK * 2):
+                err = ctx.err() or Cancelled()
+                self._fail_all(err, kill=True)
+                self._wake()
+                return
+            if not draining and ctx.draining:
+                draining = True
+                with self._lock:
+                    self._drained = True
+                    self._closed = True
+                    self._stopping = True
+                self._wake()
+
+
+class _MapRun:
+    """One ``map`` call: lazy input, chunking, the window, ordered or not."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int | None,
+        ordered: bool,
+        buffersize: int | None,
+        progress: bool,
+    ) -> None:
+        self.pool = pool
+        self.fn = fn
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.chunksize = chunksize
+        self.ordered = ordered
+        self.kind = CHUNK1 if len(iterables) == 1 else CHUNKN
+        self.it: Iterator[Any] = (
+            iter(iterables[0]) if len(iterables) == 1 else zip(*iterables, strict=False)
+        )
+        total: int | None = None
+        with contextlib.suppress(TypeError):
+            total = min(len(x) for x in iterables)  # type: ignore[arg-type]
+        self.total = total
+        workers = pool.workers
+        self.cap = _CHUNK_MAX if total is None else max(1, math.ceil(total / (4 * workers)))
+        self.buffersize = buffersize
+        self.window = _WINDOW_PER_WORKER * workers
+        self.per_item: float | None = None
+        self.inflight: deque[_Task] = deque()
+        self.items_inflight = 0
+        self.exhausted = False
+        self.done_q: queue.SimpleQueue[_Task] = queue.SimpleQueue()
+        self.bar: Any = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="task", dynamic_ncols=True)
+
+    def observe(self, secs: float, n: int) -> None:
+        # Collector thread: per-item time of a finished chunk.
+        per = secs / max(n, 1)
+        old = self.per_item
+        self.per_item = per if old is None else 0.7 * old + 0.3 * per
+
+    def next_size(self) -> int:
+        if self.chunksize is not None:
+            size = self.chunksize
+        elif self.per_item is None:
+            size = 1  # probe: a long task must not take a big chunk with it
+        else:
+            size = max(1, min(self.cap, int(_CHUNK_TARGET / max(self.per_item, 1e-8))))
+        if self.buffersize is not None:
+            size = min(size, max(1, self.buffersize - self.items_inflight))
+        return size
+
+    def top_up(self) -> None:
+        pool = self.pool
+        while not self.exhausted and len(self.inflight) < self.window:
+            if self.buffersize is not None and self.items_inflight >= self.buffersize:
+                return
+            if pool._closed or (pool._ctx is not None and pool._ctx.draining):
+                if pool._quiet_stop():
+                    self.exhausted = True  # a drain: stop intake, yield what is in flight
+                    return
+                pool._check_open()
+            items = list(itertools.islice(self.it, self.next_size()))
+            if not items:
+                self.exhausted = True
+                return
+            task = pool._submit_chunk(self.fn, items, self.kind, self)
+            if not self.ordered:
+                task.future.add_done_callback(lambda _f, t=task: self.done_q.put(t))
+            self.inflight.append(task)
+            self.items_inflight += task.n
+
+    def results(self) -> Iterator[Any]:
+        try:
+            while self.inflight:
+                task = self._next_done()
+                self.items_inflight -= task.n
+                self.top_up()
+                values, failure = self._outcome(task)
+                if self.bar is not None:
+                    self.bar.update(len(values) + (failure is not None))
+                yield from values
+                if failure is not None:
+                    decode_reply(failure, where=f"a pool worker running {task.name}")
+        finally:
+            for task in self.inflight:
+                task.future.cancel()
+            self.inflight.clear()
+            if self.bar is not None:
+                self.bar.close()
+
+    def _next_done(self) -> _Task:
+        left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if self.ordered:
+            task = self.inflight[0]
+            try:
+                task.future.exception(left)
+            except TimeoutError:
+                raise TimeoutError(f"map results not ready within {self.timeout} s") from None
+            except Exception:
+                pass  # cancelled: _outcome raises
+            self.inflight.popleft()
+            return task
+        try:
+            task = self.done_q.get(timeout=left)
+        except queue.Empty:
+            raise TimeoutError(f"map results not ready within {self.timeout} s") from None
+        self.inflight.remove(task)
+        return task
+
+    @staticmethod
+    def _outcome(task: _Task) -> tuple[list[Any], bytes | None]:
+        value = task.future.result()
+        values, failure = value
+        return values, failure
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    # One exception instance per Future: a shared one would collect tracebacks.
+    if isinstance(exc, Cancelled):
+        new: BaseException = type(exc)(str(exc), exc.cause)
+        new.__cause__ = exc.__cause__
+        return new
+    return exc
+
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
