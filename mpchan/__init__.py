@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "Supervisor": "_supervisor",
     "go": "_go",
     "GoHandle": "_go",
+    "Pool": "_pool",
+    "Group": "_group",
     # pipelines and program entry
     "stream": "_stream",
     "Stream": "_stream",
@@ -83,6 +85,8 @@ if TYPE_CHECKING:
     )
     from ._fan import fan_out, merge, tee
     from ._go import GoHandle, go
+    from ._pool import Pool
+    from ._group import Group
     from ._main import main
     from ._select import select
     from ._stream import Stream, stream

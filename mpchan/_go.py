@@ -92,6 +92,17 @@ class GoHandle(Generic[T]):
         """
         return self._outcome(timeout)[1]
 
+    def add_done_callback(self, fn: Callable[[GoHandle[T]], object]) -> None:
+        """Call ``fn(handle)`` once the goroutine has ended (at once if it has).
+
+        ``fn`` runs in the supervisor's thread (or in the caller's, when the
+        goroutine had already ended); it must not block for long. An
+        exception it raises is logged and ignored, as with
+        :meth:`concurrent.futures.Future.add_done_callback`.
+        Never blocks. Process safety: any thread of the process that called ``go``.
+        """
+        self._future.add_done_callback(lambda _f: fn(self))
+
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
         return f"<mpchan GoHandle {self._name} pid={self._pid} {state}>"
