@@ -226,7 +226,27 @@ def _watch_supervisor(deathwatch: Connection) -> None:
             deathwatch.recv_bytes()
     except BaseException:
         pass
-    os._exit(ORPHANED_EXITCODE)
+    try:
+        _detach_shared_memory()
+    finally:
+        os._exit(ORPHANED_EXITCODE)
+
+
+def _detach_shared_memory() -> None:
+    # Uncount this process as a holder of every segment it maps before it
+    # goes, unlinking those it held last. The reaper would otherwise have to
+    # wait for this pid to disappear, and an orphan that nobody reaps stays
+    # a zombie -- alive to kill(pid, 0) -- for as long as the system's init
+    # pleases. The mappings stay: the main thread may still be using them
+    # until os._exit. Channel code is never imported just for this.
+    shm = sys.modules.get(__name__.rpartition(".")[0] + "._shm")
+    if shm is None:
+        return
+    me = os.getpid()
+    for seg in list(shm._registry.values()):
+        with contextlib.suppress(Exception):
+            if seg.core.detach(me) == 0:
+                shm.unlink_with_payloads(seg.name)
 
 
 def _serve(conn: Connection, worker_id: int) -> None:
