@@ -8,6 +8,7 @@ unhandled exception.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -88,15 +89,11 @@ def _cleanup(proc: subprocess.Popen[str], info: dict[str, Any] | None) -> None:
         proc.wait()
     for pid in info["pids"] if info else ():
         if not gone(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     for name in session_files(info["token"]) if info else ():
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(SHM_DIR, name))
-        except FileNotFoundError:
-            pass
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
