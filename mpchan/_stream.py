@@ -46,6 +46,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -483,7 +484,8 @@ class _Run:
         self.window = sum(s.workers * 2 + s.capacity for s in stages) + 8
         self.chunksize = chunksize
         self.user_ctx = ctx
-        self.ctx, self._cancel = with_cancel(ctx if ctx is not None else background())
+        self.ctx, cancel = with_cancel(ctx if ctx is not None else background())
+        self._cancel: Callable[[Any], None] = cancel
         self.closed = False
         self.failures: list[tuple[str, str]] = []
         self.source_error: BaseException | None = None
@@ -592,6 +594,7 @@ class _Run:
                     self._delivered = next_seq
                     self._cond.notify_all()
                 yield from ready
+        del out, ctx  # no handle on shared memory in this frame once it raises
         if ended:
             for seq in sorted(pending):
                 yield from pending[seq]
@@ -626,10 +629,17 @@ class _Run:
         self._join_workers()
         if self._feeder_alive():
             self._feeder.join(timeout=1.0)
-        for ch in self.chans:
-            ch.close()
+        chans, self.chans = self.chans, []
+        while chans:
+            chans.pop().close()
         error = self._first_error()
         self._cancel(None)  # frees the pipeline context; harmless when done
+        # Drop every handle on shared memory: an exception raised from here
+        # keeps this object alive through its traceback.
+        self.ctx = background()
+        self._cancel = _no_cancel
+        if self.source_error is not None:
+            traceback.clear_frames(self.source_error.__traceback__)
         if error is not None:
             raise error
 
@@ -683,6 +693,10 @@ class _Run:
         for i, h in self.handles:
             self._collect(i, h)
         return [dict(s) for s in self._stats]
+
+
+def _no_cancel(cause: Any = None) -> None:
+    del cause
 
 
 def stream(iterable: Iterable[Any], *, ctx: Context | None = None, chunksize: int = 1) -> Stream:

@@ -1,0 +1,277 @@
+"""Streams: order, bounded memory, errors and cancellation across stages, stats."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import cloudpickle
+import pytest
+
+import mpchan
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def jitter_square(x: int) -> int:
+    # uneven cost, so that workers finish out of order
+    if x % 7 == 0:
+        time.sleep(0.002)
+    return x * x
+
+
+def is_even(x: int) -> bool:
+    return x % 2 == 0
+
+
+def twice(x: int) -> list[int]:
+    return [x, x]
+
+
+def fail_on_13(x: int) -> int:
+    if x == 13**4:
+        raise ValueError(f"unlucky {x}")
+    return x
+
+
+def fail_odd(x: int) -> int:
+    if x % 2:
+        raise KeyError(x)
+    return x
+
+
+def die(x: int) -> int:
+    if x == 5:
+        os._exit(3)
+    return x
+
+
+def sleepy(x: int) -> int:
+    time.sleep(5)
+    return x
+
+
+class Flaky:
+    """Fails the first ``n`` calls in each process."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls = 0
+
+    def __call__(self, x: int) -> int:
+        self.calls += 1
+        if self.calls <= self.n:
+            raise RuntimeError("flaky")
+        return x
+
+
+class Counting:
+    """An endless source that counts how many items were taken from it."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for i in itertools.count():
+            self.taken = i + 1
+            yield i
+
+
+def test_ordered_multi_stage() -> None:
+    s = (
+        mpchan.stream(range(500))
+        .map(jitter_square, workers=3, capacity=4, ordered=True)
+        .filter(is_even, workers=2)
+        .flat_map(twice, workers=2)
+    )
+    expected = [v for x in range(500) for v in twice(x * x) if (x * x) % 2 == 0]
+    assert s.collect() == expected
+
+
+def test_unordered_delivers_everything_once() -> None:
+    out = mpchan.stream(range(300)).map(jitter_square, workers=3).collect()
+    assert sorted(out) == [x * x for x in range(300)]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_batch(ordered: bool) -> None:
+    s = mpchan.stream(range(23), chunksize=4).map(square, workers=2, ordered=ordered).batch(5)
+    out = s.collect()
+    assert [len(b) for b in out] == [5, 5, 5, 5, 3]
+    flat = [v for b in out for v in b]
+    if ordered:
+        assert flat == [x * x for x in range(23)]
+    else:
+        assert sorted(flat) == [x * x for x in range(23)]
+
+
+def test_chunksize_keeps_order() -> None:
+    out = mpchan.stream(range(1000), chunksize=16).map(jitter_square, workers=2, ordered=True)
+    assert out.collect() == [x * x for x in range(1000)]
+
+
+def test_run_calls_sink_and_counts() -> None:
+    got: list[int] = []
+    assert mpchan.stream(range(10)).map(square).run(got.append) == 10
+    assert sorted(got) == [x * x for x in range(10)]
+
+
+def test_memory_stays_bounded_on_endless_source() -> None:
+    src = Counting()
+    s = (
+        mpchan.stream(src)
+        .map(square, workers=2, capacity=2)
+        .map(square, workers=2, capacity=2, ordered=True)
+    )
+    # in flight at most: three channels of 2, a few items held by each of the four
+    # workers, the feeder and the consumer (chunks of one item)
+    bound = 3 * 2 + 4 * 3 + 4
+    n = 0
+    with s:
+        for value in s:
+            n += 1
+            assert value == (n - 1) ** 4
+            assert src.taken - n <= bound, (src.taken, n)
+            if n == 3000:
+                break
+
+
+def test_error_in_stage_three_cancels_stages_one_and_two() -> None:
+    # an endless source: the run can only end if the error stops stages 1 and 2
+    s = (
+        mpchan.stream(itertools.count())
+        .map(square, workers=2)
+        .map(square, workers=2)
+        .map(fail_on_13, workers=2)
+    )
+    with pytest.raises(ValueError, match="unlucky") as info:
+        s.collect()
+    # remote traceback as __cause__, and a note naming the worker
+    assert "fail_on_13" in str(info.value.__cause__)
+    assert any("raised in mpchan worker" in n for n in info.value.__notes__)
+    del info  # its traceback holds the stream (and so its shared memory) in a cycle
+
+
+def test_ctx_cancel_stops_every_stage_and_ends_iteration() -> None:
+    ctx, cancel = mpchan.with_cancel(mpchan.background())
+    s = mpchan.stream(itertools.count(), ctx=ctx).map(square, workers=2).map(square)
+    n = 0
+    for _ in s:
+        n += 1
+        if n == 20:
+            cancel()
+    assert n >= 20
+    assert ctx.err() is not None
+
+
+def test_ctx_cancel_kills_busy_stage() -> None:
+    ctx, cancel = mpchan.with_cancel(mpchan.background())
+    s = mpchan.stream(range(100), ctx=ctx).map(square).map(sleepy, workers=2)
+    cancel()
+    t = time.monotonic()
+    assert s.collect() == []
+    assert time.monotonic() - t < 4
+
+
+def test_drain_finishes_what_was_read() -> None:
+    ctx, cancel = mpchan.with_cancel(mpchan.background())
+    s = mpchan.stream(itertools.count(), ctx=ctx).map(square, workers=3, ordered=True)
+    out = []
+    for v in s:
+        out.append(v)
+        if len(out) == 10:
+            ctx._request_drain()
+    cancel()
+    assert len(out) >= 10
+    assert out == [x * x for x in range(len(out))]
+
+
+def test_early_break_leaves_nothing_behind() -> None:
+    s = mpchan.stream(itertools.count()).map(square, workers=2).map(square, workers=2)
+    for i, _v in enumerate(s):
+        if i == 100:
+            break
+    s.close()
+
+
+def test_close_from_generator_exit() -> None:
+    it = iter(mpchan.stream(itertools.count()).map(square, workers=2))
+    assert next(it) in {x * x for x in range(100)}
+    it.close()  # type: ignore[attr-defined]
+
+
+def test_stats_add_up() -> None:
+    s = (
+        mpchan.stream(range(200))
+        .map(square, workers=2)
+        .filter(is_even, workers=2)
+        .flat_map(twice)
+        .batch(7)
+    )
+    out = s.collect()
+    st = s.stats()
+    assert [x["kind"] for x in st] == ["map", "filter", "flat_map", "batch"]
+    assert st[0]["items_in"] == 200
+    for a, b in itertools.pairwise(st):
+        assert a["items_out"] == b["items_in"]
+    assert st[1]["items_out"] == 100
+    assert st[2]["items_out"] == 200
+    assert st[-1]["items_out"] == len(out) == 29
+    for x in st:
+        assert x["busy_s"] >= 0 and x["blocked_in_s"] >= 0 and x["blocked_out_s"] >= 0
+
+
+def test_on_error_skip_collects_failures() -> None:
+    s = mpchan.stream(range(20)).map(fail_odd, workers=2, on_error="skip")
+    assert sorted(s.collect()) == list(range(0, 20, 2))
+    assert s.stats()[0]["failed"] == 10
+    failures = s.failures()
+    assert len(failures) == 10
+    assert all(err.startswith("KeyError") for _item, err in failures)
+
+
+def test_retries() -> None:
+    assert mpchan.stream(range(3)).map(Flaky(2), retries=2).collect() == [0, 1, 2]
+
+
+def test_timeout_per_item() -> None:
+    with pytest.raises(mpchan.TaskTimeout):
+        mpchan.stream(range(3)).map(sleepy, timeout=0.2).collect()
+
+
+def test_crashed_worker_fails_the_stream() -> None:
+    with pytest.raises(mpchan.WorkerCrashed):
+        mpchan.stream(range(100)).map(die, workers=2).collect()
+
+
+def test_source_error_reaches_consumer() -> None:
+    def source() -> Iterator[int]:
+        yield 1
+        raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        mpchan.stream(source()).map(square).collect()
+
+
+def test_runs_once_and_validates() -> None:
+    s = mpchan.stream(range(3)).map(square)
+    assert sorted(s) == [0, 1, 4]
+    with pytest.raises(RuntimeError):
+        list(s)
+    with pytest.raises(ValueError):
+        mpchan.stream(range(3)).map(square, workers=0)
+    with pytest.raises(ValueError):
+        mpchan.stream(range(3)).map(square, capacity=-1)
+    with pytest.raises(ValueError):
+        mpchan.stream(range(3)).map(square, on_error="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        mpchan.stream(range(3)).batch(0)
+    with pytest.raises(ValueError):
+        list(mpchan.stream(range(3)))
