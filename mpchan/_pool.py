@@ -43,6 +43,7 @@ Ownership:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import math
@@ -95,10 +96,10 @@ T = TypeVar("T")
 COLLECTOR_THREAD = "mpchan-pool-collector"
 WATCHER_THREAD = "mpchan-pool-ctx"
 
-_DEPTH_MAX = 64  # most tasks queued at one worker (its channel's capacity)
+_DEPTH_MAX = 1024  # most tasks queued at one worker (its channel's capacity)
 _RESULTS_CAPACITY = 4096
 _TICK = 0.05  # longest collector wait when timeouts or drains need watching
-_QUEUE_TARGET = 0.002  # seconds of work to keep queued at each worker
+_QUEUE_TARGET = 0.01  # seconds of work to keep queued at each worker (> a GIL switch)
 _CHUNK_TARGET = 0.005  # seconds of work per automatic chunk
 _CHUNK_MAX = 65536
 _WINDOW_PER_WORKER = 16  # default chunks in flight per worker for map
@@ -112,20 +113,24 @@ _WAKE_MSG = RES_HDR.pack(WAKE, 0, 0.0)
 
 
 class _Task:
-    __slots__ = ("future", "kind", "msg", "n", "name", "owner", "retries", "running", "tid")
+    __slots__ = ("fn", "future", "kind", "msg", "n", "owner", "retries", "running", "tid")
 
     def __init__(
-        self, tid: int, msg: bytes, name: str, retries: int, kind: int, n: int, owner: Any
+        self, tid: int, msg: bytes, fn: Any, retries: int, kind: int, n: int, owner: Any
     ) -> None:
         self.tid = tid
         self.msg = msg
-        self.name = name
+        self.fn = fn  # for messages only
         self.retries = retries
         self.kind = kind
         self.n = n  # items (1 for a call)
         self.owner = owner  # a _MapRun that learns from the timing, or None
         self.future: Future[Any] = Future()
         self.running = False
+
+    @property
+    def name(self) -> str:
+        return describe_callable(self.fn)
 
 
 class _Slot:
@@ -167,15 +172,40 @@ def _encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
 
 
 def _dump(obj: Any, fn: Any) -> bytes:
-    # The C pickler is several times faster than cloudpickle; functions of
-    # __main__, lambdas and closures need cloudpickle (by value).
-    if getattr(fn, "__module__", None) != "__main__":
+    # The C pickler is several times faster than cloudpickle, but it pickles
+    # every function by reference; functions of __main__, lambdas, closures
+    # and modules registered with cloudpickle.register_pickle_by_value need
+    # cloudpickle (by value).
+    if _by_reference(fn):
         try:
             return _dumps(obj, _HIGHEST)
         except Exception:
             pass
     data: bytes = cloudpickle.dumps(obj, protocol=_HIGHEST)
     return data
+
+
+_byref_cache: dict[Any, bool] = {}
+
+
+def _by_reference(fn: Any) -> bool:
+    try:
+        return _byref_cache[fn]
+    except (KeyError, TypeError):
+        pass
+    check = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+    if check is None:
+        answer = getattr(fn, "__module__", None) != "__main__"
+    else:
+        try:
+            answer = bool(check(fn))
+        except Exception:
+            answer = False
+    with contextlib.suppress(TypeError):
+        if len(_byref_cache) > 1024:
+            _byref_cache.clear()
+        _byref_cache[fn] = answer
+    return answer
 
 
 class Pool(Executor):
@@ -251,13 +281,16 @@ class Pool(Executor):
         self._closed = False  # no more submits (shutdown, drain, cancel, broken)
         self._stopping = False  # workers are told to leave once nothing is left
         self._drained = False  # closed by a drain: a running map ends quietly
+        self._parked = False  # the collector waits for replies (submit must wake it)
+        self._woken = False  # a wake-up is on its way to the collector
         self._broken: BaseException | None = None
         self._init_crashes = 0
         self._ema = 0.0  # seconds per task (exponential average)
         self._depth = 2
-        self._counts = {"submitted": 0, "completed": 0, "crashed": 0, "timed_out": 0, "retried": 0}
+        self._submitted = 0
+        self._counts = {"completed": 0, "crashed": 0, "timed_out": 0, "retried": 0}
         self._done_event = threading.Event()
-        self._results = Channel(_RESULTS_CAPACITY)
+        self._results: Channel | None = Channel(_RESULTS_CAPACITY)
         self._collector = threading.Thread(target=self._collect, name=COLLECTOR_THREAD, daemon=True)
         self._watcher: threading.Thread | None = None
         try:
@@ -292,17 +325,17 @@ class Pool(Executor):
         cancelled; ``future.cancel()`` works until a worker was given the task.
         Process safety: any thread.
         """
-        name = describe_callable(fn)
         try:
             msg = TASK_HDR.pack(0, CALL) + _encode_call(fn, args, kwargs)
         except Exception as e:
+            name = describe_callable(fn)
             self._check_open()
             fut: Future[Any] = Future()
             err = SerializationError(f"cannot pickle the task {name}: {type(e).__name__}: {e}")
             err.__cause__ = e
             fut.set_exception(err)
             return fut
-        return self._submit_msg(msg, name, CALL, 1, None).future
+        return self._submit_msg(msg, fn, CALL, 1, None).future
 
     def map(  # type: ignore[override]
         self,
@@ -440,7 +473,7 @@ class Pool(Executor):
                 )
                 rows.append((s, state, s.done, len(s.queue)))
             depth = len(self._pending)
-            counts = dict(self._counts)
+            counts = dict(self._counts, submitted=self._submitted)
         workers: dict[int, dict[str, Any]] = {}
         for s, state, done, queued in rows:
             rss: int | None = None
@@ -493,24 +526,33 @@ class Pool(Executor):
         if self._closed:
             raise ShutdownError("cannot submit to a pool after shutdown or drain began")
 
-    def _submit_msg(self, msg: bytes, name: str, kind: int, n: int, owner: Any) -> _Task:
+    def _submit_msg(self, msg: bytes, fn: Any, kind: int, n: int, owner: Any) -> _Task:
+        if self._closed or self._broken is not None or self._ctx is not None:
+            if self._ctx is not None and self._ctx.draining:
+                with self._lock:
+                    self._drained = self._closed = True
+            self._check_open()
         tid = next(self._tids)
         # The header's task id is patched in place of the placeholder 0.
         msg = TASK_HDR.pack(tid, kind) + memoryview(msg)[TASK_HDR.size :]
-        task = _Task(tid, msg, name, self._retries, kind, n, owner)
-        with self._lock:
-            if self._closed or self._broken is not None:
-                self._check_open()
-            if self._ctx is not None and self._ctx.draining:
-                self._closed = True
-                self._check_open()
-            self._counts["submitted"] += 1
-            if not self._pending:
-                slot = self._pick_slot()
-                if slot is not None:
-                    self._assign(slot, task)
-                    return task
-            self._pending.append(task)
+        task = _Task(tid, msg, fn, self._retries, kind, n, owner)
+        self._submitted += 1
+        if self._parked and not self._pending:
+            # The pool is quiet (the collector waits): hand the task to an
+            # idle worker now, for the lowest latency.
+            with self._lock:
+                if not self._pending:
+                    for slot in self._slots.values():
+                        if not slot.queue and not slot.retiring and self._may_take(slot):
+                            self._assign(slot, task)
+                            return task
+        # Otherwise the collector dispatches in batches: one wake-up per
+        # batch for each worker, and none while it runs. A lock-free append
+        # (atomic under the GIL) keeps a submitting loop fast.
+        self._pending.append(task)
+        if self._parked and not self._woken:
+            self._woken = True
+            self._wake()
         return task
 
     def _submit_chunk(self, fn: Any, items: list[Any], kind: int, owner: Any) -> _Task:
@@ -519,31 +561,27 @@ class Pool(Executor):
             msg = TASK_HDR.pack(0, kind) + _dump((fn, items), fn)
         except Exception as e:
             self._check_open()
-            task = _Task(-1, b"", name, 0, kind, len(items), None)
+            task = _Task(-1, b"", fn, 0, kind, len(items), None)
             err = SerializationError(f"cannot pickle a task of {name}: {type(e).__name__}: {e}")
             err.__cause__ = e
             task.future.set_exception(err)
             return task
-        return self._submit_msg(msg, name, kind, len(items), owner)
+        return self._submit_msg(msg, fn, kind, len(items), owner)
 
-    def _pick_slot(self) -> _Slot | None:
-        # Caller holds _lock. The least loaded worker with room, if any.
-        best: _Slot | None = None
-        depth = self._depth
-        for s in self._slots.values():
-            n = len(s.queue)
-            if n >= depth or s.retiring:
-                continue
-            if self._max_tasks is not None and s.assigned >= self._max_tasks:
-                continue
-            if best is None or n < len(best.queue):
-                best = s
-                if n == 0:
-                    break
-        return best
+    def _may_take(self, slot: _Slot) -> bool:
+        # Caller holds _lock.
+        return self._max_tasks is None or slot.assigned < self._max_tasks
 
     def _assign(self, slot: _Slot, task: _Task) -> bool:
         # Caller holds _lock. False if the task was cancelled meanwhile.
+        if not self._claim(slot, task):
+            return False
+        # Never blocks: fewer than _DEPTH_MAX messages are queued (Invariants).
+        slot.ch.send(task.msg)
+        return True
+
+    def _claim(self, slot: _Slot, task: _Task) -> bool:
+        # Caller holds _lock: record that ``slot`` runs ``task`` (not sent yet).
         if not task.running:
             if not task.future.set_running_or_notify_cancel():
                 return False
@@ -553,19 +591,32 @@ class Pool(Executor):
             slot.started_at = time.monotonic()
         q.append(task)
         slot.assigned += 1
-        # Never blocks: fewer than _DEPTH_MAX messages are queued (Invariants).
-        slot.ch.send(task.msg)
         return True
 
     def _fill(self, slot: _Slot) -> None:
-        # Caller holds _lock.
+        # Caller holds _lock. One send_many (one wake-up) per call.
         pending = self._pending
-        depth = self._depth
-        max_tasks = self._max_tasks
-        while pending and len(slot.queue) < depth and not slot.retiring:
-            if max_tasks is not None and slot.assigned >= max_tasks:
-                break
-            self._assign(slot, pending.popleft())
+        if not pending or slot.retiring:
+            return
+        room = self._depth - len(slot.queue)
+        if self._max_tasks is not None:
+            room = min(room, self._max_tasks - slot.assigned)
+        msgs = []
+        while room > 0 and pending:
+            task = pending.popleft()
+            if self._claim(slot, task):
+                msgs.append(task.msg)
+                room -= 1
+        if msgs:
+            # Never blocks: fewer than _DEPTH_MAX messages are queued (Invariants).
+            slot.ch.send_many(msgs)
+
+    def _dispatch(self) -> None:
+        with self._lock:
+            if not self._pending:
+                return
+            for s in sorted(self._slots.values(), key=lambda s: len(s.queue)):
+                self._fill(s)
 
     # -- workers ----------------------------------------------------------------
 
@@ -577,7 +628,7 @@ class Pool(Executor):
                 pool_worker_loop,
                 (
                     ch,
-                    self._results,
+                    self._results_channel(),
                     worker.id,
                     self._initializer,
                     self._initargs,
@@ -598,14 +649,23 @@ class Pool(Executor):
         slot.loop = loop
         loop.add_done_callback(partial(self._on_loop_done, slot.wid))
 
+    def _results_channel(self) -> Channel:
+        rch = self._results
+        if rch is None:
+            raise ShutdownError("the pool is shut down")
+        return rch
+
     def _on_loop_done(self, wid: int, loop: Future[bytes]) -> None:
         # Runs on the supervisor thread (or here, if already done): hand over.
         self._events.append((wid, loop))
         self._wake()
 
     def _wake(self) -> None:
-        with contextlib.suppress(WouldBlock, ChannelClosed, OSError):
-            self._results.send_nowait(_WAKE_MSG)
+        rch = self._results
+        if rch is not None:
+            # ValueError: the segment was detached at interpreter exit.
+            with contextlib.suppress(WouldBlock, ChannelClosed, OSError, ValueError):
+                rch.send_nowait(_WAKE_MSG)
 
     def _abort(self) -> None:
         # __init__ failed: give back what was made.
@@ -621,7 +681,9 @@ class Pool(Executor):
             if s.loop is not None:
                 with contextlib.suppress(BaseException):
                     s.loop.exception(timeout=5)
-        self._results.close()
+        rch, self._results = self._results, None
+        if rch is not None:
+            rch.close()
         if self._own_sup is not None:
             self._own_sup.shutdown()
 
@@ -629,13 +691,19 @@ class Pool(Executor):
 
     def _collect(self) -> None:
         rch = self._results
+        assert rch is not None
         try:
             while True:
                 timeout = _TICK if (self._task_timeout or self._stopping) else 1.0
+                self._dispatch()
+                with self._lock:
+                    self._parked = not self._pending
+                    self._woken = False
                 try:
-                    items = rch.recv_many(512, timeout=timeout)
+                    items = rch.recv_many(512, timeout=timeout if self._parked else 0)
                 except TimeoutError:
                     items = []
+                self._parked = False
                 if items:
                     self._on_replies(items)
                 if self._events:
@@ -706,6 +774,7 @@ class Pool(Executor):
                 where = f"pool worker {wid} running {task.name}"
                 value = decode_reply(reply, where=where)
         except BaseException as e:
+            _drop_local_tracebacks(e)
             with contextlib.suppress(InvalidStateError):
                 fut.set_exception(e)
             return
@@ -850,7 +919,8 @@ class Pool(Executor):
                 with contextlib.suppress(OSError):
                     os.kill(s.worker.pid, signal.SIGKILL)
             else:
-                s.ch.close()
+                with contextlib.suppress(ValueError):
+                    s.ch.close()
 
     def _finish(self) -> None:
         # The collector is leaving: no worker is left (or the pool broke).
@@ -859,13 +929,18 @@ class Pool(Executor):
             self._slots.clear()
             self._closed = True
         for s in slots:
-            s.ch.close()
+            with contextlib.suppress(ValueError):
+                s.ch.close()
             with contextlib.suppress(OSError):
                 os.kill(s.worker.pid, signal.SIGKILL)
             if s.loop is not None:
                 with contextlib.suppress(BaseException):
                     s.loop.exception(timeout=5)
-        self._results.close()
+        rch, self._results = self._results, None
+        if rch is not None:
+            with contextlib.suppress(ValueError):
+                rch.close()  # and dropped: its shared memory goes with the last holder
+        del slots, rch
         if self._own_sup is not None:
             self._own_sup.shutdown()
         _live_pools.discard(self)
@@ -1027,6 +1102,21 @@ class _MapRun:
         return values, failure
 
 
+def _drop_local_tracebacks(exc: BaseException) -> None:
+    # An exception raised here keeps this thread's frames, and through them
+    # the pool's channels, alive for as long as its Future lives. Its local
+    # frames say nothing useful (the remote traceback is in __cause__).
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
+
+
 def _copy_error(exc: BaseException) -> BaseException:
     # One exception instance per Future: a shared one would collect tracebacks.
     if isinstance(exc, Cancelled):
@@ -1037,3 +1127,18 @@ def _copy_error(exc: BaseException) -> BaseException:
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_EXIT_GRACE = 5.0
+
+
+def _shutdown_pools() -> None:
+    # At interpreter exit, before the supervisor stops the processes and
+    # shared memory is detached (atexit runs this first: registered later).
+    for pool in list(_live_pools):
+        with contextlib.suppress(Exception):
+            pool.shutdown(wait=False, cancel_futures=True)
+            if not pool._wait_stopped(_EXIT_GRACE):
+                pool._fail_all(ShutdownError("the program is exiting"), kill=True)
+                pool._wait_stopped(_EXIT_GRACE)
+
+
+atexit.register(_shutdown_pools)

@@ -40,6 +40,7 @@ LAYERS: dict[str, int | str] = {
     "_select": 5,
     "_sync": 5,
     "_worker": 6,
+    "_poolworker": 6,
     "_supervisor": 6,
     "_go": 7,
     "_pool": 7,
