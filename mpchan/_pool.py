@@ -286,7 +286,7 @@ class Pool(Executor):
         self._broken: BaseException | None = None
         self._init_crashes = 0
         self._ema = 0.0  # seconds per task (exponential average)
-        self._depth = 2
+        self._depth = 1  # tasks queued per worker; grows once tasks prove short
         self._submitted = 0
         self._counts = {"completed": 0, "crashed": 0, "timed_out": 0, "retried": 0}
         self._done_event = threading.Event()
