@@ -47,6 +47,7 @@ LAYERS: dict[str, int | str] = {
     "_group": 7,
     "_stream": 8,
     "_fan": 8,
+    "_main": 8,
     FACADE: EDGE,
     "__main__": EDGE,
     "cli": EDGE,
