@@ -83,13 +83,16 @@ if TYPE_CHECKING:
         WorkerCrashed,
         WouldBlock,
     )
-    from ._fan import fan_out, merge, tee
+    from ._fan import fan_out as fan_out
+    from ._fan import merge as merge
+    from ._fan import tee as tee
     from ._go import GoHandle, go
     from ._pool import Pool
     from ._group import Group
-    from ._main import main
+    from ._main import main as main
     from ._select import select
-    from ._stream import Stream, stream
+    from ._stream import Stream as Stream
+    from ._stream import stream as stream
     from ._supervisor import Supervisor
     from ._sync import WaitGroup
     from ._timer import Timer, after, tick

@@ -61,7 +61,7 @@ def main(fn: Callable[..., Any], *args: Any, grace: float | None = None) -> int:
             cancel(("signal", signum))
 
     in_main = threading.current_thread() is threading.main_thread()
-    old: dict[int, Any] = {}
+    old: dict[signal.Signals, Any] = {}
     if in_main:
         for sig in _SIGNALS:
             old[sig] = signal.signal(sig, on_signal)
@@ -73,7 +73,7 @@ def main(fn: Callable[..., Any], *args: Any, grace: float | None = None) -> int:
         if not received:
             traceback.print_exc()
     except KeyboardInterrupt:
-        received.append(signal.SIGINT)
+        received.append(int(signal.SIGINT))
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception:
@@ -85,9 +85,8 @@ def main(fn: Callable[..., Any], *args: Any, grace: float | None = None) -> int:
             t.cancel()
             t.join()
         cancel(None)
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
     if received:
         return 128 + int(received[0])
     return status
-

@@ -231,9 +231,7 @@ def _stage_main(
                 else:
                     out.extend(value)
             st["busy_s"] += perf() - t1
-            if out or seq is None:
-                emit(seq, out)
-            elif keep_empty:
+            if out or seq is None or keep_empty:
                 emit(seq, out)
         if kind == "batch":
             for items in tails:
@@ -321,9 +319,7 @@ class Stream:
         _check_count("retries", retries, 0)
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        return self._add(
-            _Stage(kind, fn, workers, cap, bool(ordered), on_error, retries, timeout)
-        )
+        return self._add(_Stage(kind, fn, workers, cap, bool(ordered), on_error, retries, timeout))
 
     def map(
         self,
@@ -408,7 +404,10 @@ class Stream:
             run.close()
 
     def collect(self) -> list[Any]:
-        """Run the pipeline and return every result in a list. Blocks, Cancellation: as iteration."""
+        """Run the pipeline and return every result in a list.
+
+        Blocks, Cancellation, Process safety: as iteration.
+        """
         return list(self)
 
     def run(self, sink: Callable[[Any], object] | None = None) -> int:

@@ -115,7 +115,7 @@ def _read_items(fh: IO[str], name: str, jsonl: bool) -> Iterator[Any]:
     """One item a line (the newline stripped); JSON values with ``jsonl``."""
     lineno = 0
     try:
-        for lineno, line in enumerate(fh, 1):  # noqa: B007 - used after the loop on error
+        for lineno, line in enumerate(fh, 1):
             text = line.rstrip("\r\n")
             if not jsonl:
                 yield text
@@ -158,7 +158,7 @@ def _progress_bar(enabled: bool | None, total: int | None) -> Any:
     if not enabled:
         return None
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         return None
     return tqdm(total=total, file=sys.stderr, unit="item", dynamic_ncols=True)
@@ -167,10 +167,9 @@ def _progress_bar(enabled: bool | None, total: int | None) -> Any:
 def _use_start_method(method: str | None) -> None:
     if method is None:
         return
-    import mpchan
     from mpchan import _supervisor  # no public setter for the program's supervisor yet
 
-    _supervisor.set_supervisor(mpchan.Supervisor(start_method=method))
+    _supervisor.set_supervisor(_supervisor.Supervisor(start_method=method))
 
 
 @cli.command(name="run")
@@ -346,8 +345,6 @@ def _run(
     if "usage" in outcome and status in (0, 1):
         raise outcome["usage"]
     return status
-
-
 
 
 @cli.command()

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-JOBS = '''
+JOBS = """
 import time
 
 def double(x):
@@ -43,7 +43,7 @@ def stuck(x):
     return int(x)
 
 not_callable = 42
-'''
+"""
 
 
 @pytest.fixture
@@ -150,9 +150,7 @@ def test_retries_and_timeout_options_are_accepted(jobs: Path) -> None:
         (["jobs:double", "--range", "0:3", "--input", "x"], "either --range or --input"),
     ],
 )
-def test_bad_usage_is_one_line_and_status_2(
-    jobs: Path, args: list[str], message: str
-) -> None:
+def test_bad_usage_is_one_line_and_status_2(jobs: Path, args: list[str], message: str) -> None:
     r = mpchan_run(*args, cwd=jobs, stdin="")
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -237,7 +235,7 @@ def test_second_sigint_ends_it_fast(jobs: Path) -> None:
             p.wait(timeout=0.5)
         started = time.monotonic()
         os.kill(p.pid, signal.SIGINT)
-        out, err = p.communicate(timeout=30)
+        _out, err = p.communicate(timeout=30)
         elapsed = time.monotonic() - started
     finally:
         if p.poll() is None:

@@ -16,7 +16,7 @@ import mpchan
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PROGRAM = '''
+PROGRAM = """
 import itertools, sys, time
 import mpchan
 
@@ -40,7 +40,7 @@ def job(ctx, fn_name):
 if __name__ == "__main__":
     grace = float(sys.argv[2]) if len(sys.argv) > 2 else None
     sys.exit(mpchan.main(job, sys.argv[1], grace=grace))
-'''
+"""
 
 
 def test_status_0_when_fn_returns() -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 
 _WORD = re.compile(r"[a-z']+")
-VOCAB = (
-    "channel select context cancel deadline worker pool stream merge fan tee "
-    "process memory buffer queue pickle signal drain batch score parse reduce"
-).split()
+VOCAB = [
+    *("channel", "select", "context", "cancel", "deadline", "worker", "pool", "stream"),
+    *("merge", "fan", "tee", "process", "memory", "buffer", "queue", "pickle"),
+    *("signal", "drain", "batch", "score", "parse", "reduce"),
+]
 KEYWORDS = {"channel": 3.0, "select": 2.0, "cancel": 2.5, "drain": 1.5, "stream": 2.0}
 
 
