@@ -797,7 +797,15 @@ class Pool(Executor):
             try:
                 decode_reply(memoryview(msg)[RES_HDR.size :], where=f"pool worker {wid} initializer")
             except BaseException as e:
-                self._broken = e
+                _drop_local_tracebacks(e)
+                broken = WorkerCrashed(
+                    f"the pool's initializer failed in worker {wid} (pid {slot.worker.pid}): "
+                    f"{type(e).__name__}: {e}",
+                    pid=slot.worker.pid,
+                    cause="initializer failed",
+                )
+                broken.__cause__ = e
+                self._broken = broken
                 self._closed = True
 
     def _on_worker_gone(self, wid: int, loop: Future[bytes]) -> None:
@@ -1016,9 +1024,7 @@ class _MapRun:
         self.done_q: queue.SimpleQueue[_Task] = queue.SimpleQueue()
         self.bar: Any = None
         if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, file=sys.stderr, unit="task", dynamic_ncols=True)
+            self.bar = _progress_bar(total)
 
     def observe(self, secs: float, n: int) -> None:
         # Collector thread: per-item time of a finished chunk.
@@ -1061,12 +1067,14 @@ class _MapRun:
         try:
             while self.inflight:
                 task = self._next_done()
-                self.items_inflight -= task.n
-                self.top_up()
+                self.top_up()  # a chunk's worth of room: keep the workers busy
                 values, failure = self._outcome(task)
                 if self.bar is not None:
                     self.bar.update(len(values) + (failure is not None))
                 yield from values
+                # Counted until yielded, so buffersize bounds what is read
+                # from the input and not yet handed to the caller.
+                self.items_inflight -= task.n
                 if failure is not None:
                     decode_reply(failure, where=f"a pool worker running {task.name}")
         finally:
@@ -1100,6 +1108,17 @@ class _MapRun:
         value = task.future.result()
         values, failure = value
         return values, failure
+
+
+def _progress_bar(total: int | None) -> Any:
+    # tqdm, imported only when asked for. Without its monitor thread: the
+    # bar is updated by the iterating thread, and no thread outlives a map.
+    from tqdm import tqdm
+
+    class _Bar(tqdm):  # type: ignore[type-arg,misc]
+        monitor_interval = 0
+
+    return _Bar(total=total, file=sys.stderr, unit="task", dynamic_ncols=True, smoothing=0.1)
 
 
 def _drop_local_tracebacks(exc: BaseException) -> None:
