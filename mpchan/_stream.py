@@ -1,7 +1,7 @@
 """Streaming pipelines: stages in worker processes joined by channels (layer 8).
 
 Written only against the public API of the lower layers (``Channel``,
-``select``, ``WaitGroup``, contexts, ``go``).
+``WaitGroup``, contexts, ``go``).
 
 Data flow of ``stream(src).map(f, workers=2).filter(g).map(h)``::
 
@@ -53,9 +53,8 @@ from typing import Any, Literal
 
 from ._channel import Channel
 from ._context import CancelFunc, Context, background, with_cancel
-from ._errors import Cancelled, ChannelClosed, EndOfChannel, TaskTimeout, WouldBlock
+from ._errors import Cancelled, ChannelClosed, EndOfChannel, TaskTimeout
 from ._go import GoHandle, go
-from ._select import select
 from ._sync import WaitGroup
 
 __all__ = ["Stream", "stream"]
@@ -64,6 +63,8 @@ OnError = Literal["fail", "skip"]
 Kind = Literal["map", "filter", "flat_map", "batch"]
 
 _POLL_S = 0.25  # how often a waiting consumer looks for crashed workers
+_MAX_CHUNK = 16  # largest adaptive chunk (items sent together)
+_DRAIN_CHECK_S = 0.05  # a feeder blocked on a full stage looks for a drain this often
 _KILL_AFTER_S = 0.5  # grace between a hard cancel and SIGKILL of busy workers
 _MAX_FAILURES = 100  # failed items kept per worker with on_error="skip"
 
@@ -281,14 +282,14 @@ class Stream:
         source: Iterable[Any],
         *,
         ctx: Context | None = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         stages: tuple[_Stage, ...] = (),
     ) -> None:
         if ctx is not None and not isinstance(ctx, Context):
             raise TypeError(f"ctx must be a Context, not {type(ctx).__name__}")
         self._source = source
         self._ctx = ctx
-        self._chunksize = _check_count("chunksize", chunksize, 1)
+        self._chunksize = None if chunksize is None else _check_count("chunksize", chunksize, 1)
         self._stages = stages
         self._run: _Run | None = None
 
@@ -475,13 +476,13 @@ class _Run:
         self,
         source: Iterable[Any],
         ctx: Context | None,
-        chunksize: int,
+        chunksize: int | None,
         stages: tuple[_Stage, ...],
     ) -> None:
         self.stages = stages
         self.ordered = any(s.ordered for s in stages)
         self.window = sum(s.workers * 2 + s.capacity for s in stages) + 8
-        self.chunksize = chunksize
+        self.chunksize = chunksize  # None: adaptive, see _feed
         self.user_ctx = ctx
         self.ctx, cancel = with_cancel(ctx if ctx is not None else background())
         self._cancel: Callable[[Any], None] = cancel
@@ -530,11 +531,23 @@ class _Run:
         ctx = self.ctx
         it = self._it
         seq = 0
+        # Adaptive chunks (chunksize=None): items travel alone while the first
+        # stage keeps up (lowest latency); each time the feeder finds its
+        # channel full -- the stages are behind, items would wait anyway --
+        # the chunk doubles, up to _MAX_CHUNK; an empty channel halves it.
+        adaptive = self.chunksize is None
+        size = 1 if self.chunksize is None else self.chunksize
         try:
             while not ctx.draining and ctx.err() is None:
-                chunk = list(itertools.islice(it, self.chunksize))
+                chunk = list(itertools.islice(it, size))
                 if not chunk:
                     break
+                if adaptive:
+                    backlog = len(ch)
+                    if backlog >= ch.capacity:
+                        size = min(size * 2, _MAX_CHUNK)
+                    elif backlog == 0:
+                        size = max(size // 2, 1)
                 if self.ordered:
                     with self._cond:
                         while seq >= self._delivered + self.window and not self._stop:
@@ -543,13 +556,8 @@ class _Run:
                             self._cond.wait(_POLL_S)
                         if seq >= self._delivered + self.window or self._stop:
                             break
-                msg = (seq, chunk)
-                try:
-                    ch.send_nowait(msg)
-                except WouldBlock:
-                    index, _value, _ok = select((ch, msg), ctx.drain_requested())
-                    if index != 0:
-                        break  # drain or cancel: this chunk was not taken
+                if not self._send_unless_draining(ch, (seq, chunk)):
+                    break  # drain or cancel: this chunk was not taken
                 seq += 1
         except ChannelClosed:
             pass
@@ -558,6 +566,24 @@ class _Run:
             self._cancel(("source",))
         finally:
             ch.close()
+
+    def _send_unless_draining(self, ch: Channel, msg: Any) -> bool:
+        """Send ``msg``; False (not sent) once a drain or cancel was requested.
+
+        A plain send with a short timeout, re-checking the drain flag between
+        tries, costs far less per item than a select on the drain case; the
+        price is up to ``_DRAIN_CHECK_S`` of delay before a drain is seen.
+        """
+        ctx = self.ctx
+        while True:
+            try:
+                ch.send(msg, timeout=_DRAIN_CHECK_S, ctx=ctx)
+                return True
+            except TimeoutError:
+                if ctx.draining:
+                    return False
+            except Cancelled:
+                return False
 
     # -- consumer ----------------------------------------------------------------
 
@@ -698,10 +724,14 @@ def _no_cancel(cause: Any = None) -> None:
     del cause
 
 
-def stream(iterable: Iterable[Any], *, ctx: Context | None = None, chunksize: int = 1) -> Stream:
+def stream(
+    iterable: Iterable[Any], *, ctx: Context | None = None, chunksize: int | None = None
+) -> Stream:
     """Start building a pipeline over ``iterable`` (read lazily, in this process).
 
     ``chunksize`` items travel together between stages (fewer channel
-    operations for tiny items). Never blocks; see :class:`Stream`.
+    operations for tiny items). ``None`` (default) adapts: one item at a
+    time while the stages keep up, chunks of up to 16 while they are behind.
+    Never blocks; see :class:`Stream`.
     """
     return Stream(iterable, ctx=ctx, chunksize=chunksize)

@@ -123,16 +123,18 @@ def test_run_calls_sink_and_counts() -> None:
     assert sorted(got) == [x * x for x in range(10)]
 
 
-def test_memory_stays_bounded_on_endless_source() -> None:
+@pytest.mark.parametrize("chunksize", [1, None])
+def test_memory_stays_bounded_on_endless_source(chunksize: int | None) -> None:
     src = Counting()
     s = (
-        mpchan.stream(src)
+        mpchan.stream(src, chunksize=chunksize)
         .map(square, workers=2, capacity=2)
         .map(square, workers=2, capacity=2, ordered=True)
     )
     # in flight at most: three channels of 2, a few items held by each of the four
     # workers, the feeder and the consumer (chunks of one item)
-    bound = 3 * 2 + 4 * 3 + 4
+    # (chunks of up to 16 items when adaptive)
+    bound = (3 * 2 + 4 * 3 + 4) * (chunksize or 16)
     n = 0
     with s:
         for value in s:
