@@ -190,7 +190,10 @@ def _use_start_method(method: str | None) -> None:
     "--ordered/--unordered", default=True, help="Results in input order (default) or as done."
 )
 @click.option(
-    "--chunksize", type=click.IntRange(min=1), default=1, help="Items sent together (default 1)."
+    "--chunksize",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Items sent together (default: adaptive, 1 to 16).",
 )
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per task.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, help="Retries per failed task.")
@@ -218,7 +221,7 @@ def run(
     output_file: str | None,
     workers: int | None,
     ordered: bool,
-    chunksize: int,
+    chunksize: int | None,
     timeout: float | None,
     retries: int,
     on_error: str,
@@ -262,7 +265,7 @@ def _run(
     output_file: str | None,
     workers: int | None,
     ordered: bool,
-    chunksize: int,
+    chunksize: int | None,
     timeout: float | None,
     retries: int,
     on_error: str,
