@@ -10,7 +10,7 @@ Wire format (one ``Connection.send_bytes`` message each)::
 
     parent -> worker   b"T" + cloudpickle((fn, args, kwargs))     run a task
                        b"Q"                                        exit now
-    worker -> parent   b"R" + cloudpickle(value)                   fn returned
+    worker -> parent   b"R" + pickle(value)  (cloudpickle if need be) fn returned
                        b"E" + pickle(_Failure)                     fn raised
                        b"S" + pickle(_Failure)                     (un)pickling failed
 
@@ -36,14 +36,16 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Iterable
-from multiprocessing.connection import Connection
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import cloudpickle
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
-from ._errors import RemoteError, SerializationError
+# Imports: a worker process imports this module and little else (not
+# cloudpickle, not the error hierarchy, not channel code), so that starting
+# one -- with spawn, a whole new interpreter -- stays cheap. What only the
+# parent side or a failure needs is imported where it is used.
 
 __all__ = [
     "ORPHANED_EXITCODE",
@@ -117,9 +119,13 @@ def encode_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     Runs in the caller, so nothing was sent and no worker was touched when it
     fails. Never blocks (beyond the pickling itself).
     """
+    import cloudpickle
+
     try:
         data: bytes = cloudpickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
+        from ._errors import SerializationError
+
         raise SerializationError(
             f"cannot pickle the task {describe_callable(fn)}: {type(e).__name__}: {e}"
         ) from e
@@ -140,6 +146,8 @@ def decode_reply(reply: bytes, *, where: str) -> Any:
     :class:`SerializationError` with the original error as ``__cause__``.
     Never blocks (beyond the unpickling itself).
     """
+    from ._errors import RemoteError, SerializationError
+
     view = memoryview(reply)
     tag = bytes(view[:1])
     if tag == RESULT:
@@ -161,6 +169,8 @@ def decode_reply(reply: bytes, *, where: str) -> Any:
 
 
 def _rebuild(failure: _Failure, where: str) -> BaseException:
+    from ._errors import RemoteError
+
     exc: BaseException | None = None
     if failure.exc is not None:
         try:
@@ -281,10 +291,24 @@ def _run_one(msg: bytes) -> bytes:
         return RAISED + _encode_failure(e, "", skip_frames=1)
     del fn, args, kwargs
     try:
-        data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        data = _dumps(value)
     except BaseException as e:
         return BROKEN + _encode_failure(e, "pickling the result")
     return RESULT + data
+
+
+def _dumps(obj: Any) -> bytes:
+    # Plain pickle first: it is what most values need, and it checks that a
+    # class or function it pickles by name is the very object importable
+    # under that name -- so anything made by cloudpickle in this process (a
+    # class sent by value) fails here and goes by value too.
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        import cloudpickle
+
+        data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return data
 
 
 def _encode_failure(exc: BaseException, stage: str, skip_frames: int = 0) -> bytes:
@@ -292,12 +316,14 @@ def _encode_failure(exc: BaseException, stage: str, skip_frames: int = 0) -> byt
     for _ in range(skip_frames):  # drop this module's own frames
         if tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
+    import traceback
+
     try:
         tb_text = "".join(traceback.format_exception(type(exc), exc, tb))
     except Exception:
         tb_text = f"{type(exc).__name__} (traceback unavailable)\n"
     try:
-        exc_bytes: bytes | None = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        exc_bytes: bytes | None = _dumps(exc)
     except BaseException:
         exc_bytes = None
     cls = type(exc)
