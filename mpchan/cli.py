@@ -330,12 +330,20 @@ def _run(
             out_fh.flush()
             if bar is not None:
                 bar.close()
-        failures = s.stats()
-        failed = sum(st["failed"] for st in failures)
+        stats = s.stats()
+        failed = sum(st["failed"] for st in stats)
         if failed:
             click.echo(f"mpchan run: {failed} item(s) failed and were skipped", err=True)
             for item, error in s.failures()[:5]:
                 click.echo(f"  {item}: {error}", err=True)
+        if ctx.draining and ctx.err() is None:
+            click.echo(
+                f"mpchan run: interrupted; drained: {stats[0]['items_in']} item(s) read, "
+                f"{writer.count} result(s) written",
+                err=True,
+            )
+        elif ctx.err() is not None:
+            click.echo(f"mpchan run: cancelled; {writer.count} result(s) written", err=True)
 
     try:
         status = mpchan.main(job)

@@ -179,23 +179,30 @@ def test_unreadable_input_is_status_2(jobs: Path) -> None:
 # --------------------------------------------------------------------------- signals
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+def _start(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    # Unbuffered: reading the first line must not read ahead into a buffer that
+    # communicate() would then skip.
     return subprocess.Popen(
         [sys.executable, "-m", "mpchan", "run", *args, "--no-progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
+        bufsize=0,
         cwd=cwd,
         env=_env(),
         start_new_session=True,
     )
 
 
-def _first_line(p: subprocess.Popen[str], timeout: float = 30) -> str:
+def _first_line(p: subprocess.Popen[bytes], timeout: float = 30) -> str:
     assert p.stdout is not None
     ready, _, _ = select.select([p.stdout], [], [], timeout)
     assert ready, "no output in time"
-    return p.stdout.readline()
+    return p.stdout.readline().decode()
+
+
+def _communicate(p: subprocess.Popen[bytes]) -> tuple[str, str]:
+    out, err = p.communicate(timeout=30)
+    return out.decode(), err.decode()
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -209,7 +216,7 @@ def test_signal_drains_in_flight_items(jobs: Path, sig: int, status: int) -> Non
         first = _first_line(p)
         kids = _tree(p.pid)
         os.kill(p.pid, sig)
-        out, err = p.communicate(timeout=30)
+        out, err = _communicate(p)
     finally:
         if p.poll() is None:
             p.kill()
@@ -219,6 +226,9 @@ def test_signal_drains_in_flight_items(jobs: Path, sig: int, status: int) -> Non
     # ordered output: every item read before the drain was finished and written
     assert values == [2 * i for i in range(len(values))]
     assert len(values) < 1000000
+    # and nothing read was dropped: as many items read as results written
+    n = len(values)
+    assert f"drained: {n} item(s) read, {n} result(s) written" in err, err
     assert "Traceback" not in err
     _gone, alive = psutil.wait_procs(kids, timeout=5)
     assert not alive, alive
@@ -235,7 +245,7 @@ def test_second_sigint_ends_it_fast(jobs: Path) -> None:
             p.wait(timeout=0.5)
         started = time.monotonic()
         os.kill(p.pid, signal.SIGINT)
-        _out, err = p.communicate(timeout=30)
+        _out, err = _communicate(p)
         elapsed = time.monotonic() - started
     finally:
         if p.poll() is None:

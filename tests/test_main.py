@@ -72,7 +72,7 @@ def test_negative_grace_is_rejected() -> None:
         mpchan.main(lambda ctx: None, grace=-1)
 
 
-def _start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+def _start(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
     script = tmp_path / "prog.py"
     script.write_text(PROGRAM)
     env = dict(os.environ)
@@ -81,18 +81,19 @@ def _start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
         [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
+        bufsize=0,  # readline must not read ahead of what communicate() returns
         env=env,
         start_new_session=True,
     )
     assert p.stdout is not None
-    assert p.stdout.readline().strip() == "ready"
+    assert p.stdout.readline().strip() == b"ready"
     return p
 
 
-def _finish(p: subprocess.Popen[str]) -> tuple[str, str]:
+def _finish(p: subprocess.Popen[bytes]) -> tuple[str, str]:
     try:
-        return p.communicate(timeout=30)
+        out, err = p.communicate(timeout=30)
+        return out.decode(), err.decode()
     finally:
         if p.poll() is None:
             p.kill()
@@ -103,7 +104,7 @@ def _finish(p: subprocess.Popen[str]) -> tuple[str, str]:
 def test_first_signal_drains(tmp_path: Path, sig: int, status: int) -> None:
     p = _start(tmp_path, "slow")
     assert p.stdout is not None
-    first = p.stdout.readline()  # the stream is running
+    first = p.stdout.readline().decode()  # the stream is running
     os.kill(p.pid, sig)
     out, err = _finish(p)
     lines = [first, *out.splitlines()]
@@ -117,7 +118,7 @@ def test_first_signal_drains(tmp_path: Path, sig: int, status: int) -> None:
 def test_grace_expiry_cancels(tmp_path: Path) -> None:
     p = _start(tmp_path, "stuck", "0.5")
     assert p.stdout is not None
-    assert p.stdout.readline().strip() == "0"  # the stream is running
+    assert p.stdout.readline().strip() == b"0"  # the stream is running
     started = time.monotonic()
     os.kill(p.pid, signal.SIGTERM)
     out, err = _finish(p)
