@@ -256,3 +256,18 @@ def test_second_sigint_ends_it_fast(jobs: Path) -> None:
     assert "Traceback" not in err
     _gone, alive = psutil.wait_procs(kids, timeout=5)
     assert not alive, alive
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_start_method(jobs: Path, method: str) -> None:
+    r = mpchan_run("jobs:double", "--range", "0:20", "--start-method", method, cwd=jobs)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(2 * i) for i in range(20)]
+
+
+def test_progress_bar_goes_to_stderr(jobs: Path) -> None:
+    pytest.importorskip("tqdm")
+    r = mpchan_run("jobs:double", "--range", "0:30", "--progress", cwd=jobs)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(2 * i) for i in range(30)]
+    assert "30/30" in r.stderr
