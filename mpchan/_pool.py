@@ -301,7 +301,9 @@ class Pool(Executor):
             raise
         self._collector.start()
         if ctx is not None:
-            self._watcher = threading.Thread(target=self._watch_ctx, name=WATCHER_THREAD, daemon=True)
+            self._watcher = threading.Thread(
+                target=self._watch_ctx, name=WATCHER_THREAD, daemon=True
+            )
             self._watcher.start()
         _live_pools.add(self)
 
@@ -772,7 +774,7 @@ class Pool(Executor):
                     raise err from e
             else:
                 where = f"pool worker {wid} running {task.name}"
-                value = decode_reply(reply, where=where)
+                value = decode_reply(bytes(reply), where=where)
         except BaseException as e:
             _drop_local_tracebacks(e)
             with contextlib.suppress(InvalidStateError):
@@ -795,7 +797,7 @@ class Pool(Executor):
             slot.retiring = True
         elif tid == INIT_FAILED and self._broken is None:
             try:
-                decode_reply(memoryview(msg)[RES_HDR.size :], where=f"pool worker {wid} initializer")
+                decode_reply(msg[RES_HDR.size :], where=f"pool worker {wid} initializer")
             except BaseException as e:
                 _drop_local_tracebacks(e)
                 broken = WorkerCrashed(
@@ -1018,6 +1020,9 @@ class _MapRun:
         self.buffersize = buffersize
         self.window = _WINDOW_PER_WORKER * workers
         self.per_item: float | None = None
+        self.obs_secs = 0.0
+        self.obs_items = 0.0
+        self.probes = 0
         self.inflight: deque[_Task] = deque()
         self.items_inflight = 0
         self.exhausted = False
@@ -1027,16 +1032,26 @@ class _MapRun:
             self.bar = _progress_bar(total)
 
     def observe(self, secs: float, n: int) -> None:
-        # Collector thread: per-item time of a finished chunk.
-        per = secs / max(n, 1)
-        old = self.per_item
-        self.per_item = per if old is None else 0.7 * old + 0.3 * per
+        # Collector thread: the calls of a finished chunk took ``secs``. Recent
+        # chunks count more (tasks may change), big ones more than small ones.
+        self.obs_secs = 0.5 * self.obs_secs + secs
+        self.obs_items = 0.5 * self.obs_items + n
+        self.per_item = self.obs_secs / max(self.obs_items, 1e-9)
 
     def next_size(self) -> int:
         if self.chunksize is not None:
             size = self.chunksize
         elif self.per_item is None:
             size = 1  # probe: a long task must not take a big chunk with it
+            if self.probes >= self.pool.workers and self.inflight:
+                # Every worker has a probe: give the first one a few ms to
+                # answer. Tiny tasks answer, and get big chunks at once; a
+                # task that does not answer is long, and probes are right.
+                with contextlib.suppress(Exception):
+                    self.inflight[0].future.exception(_CHUNK_TARGET)
+                if self.per_item is not None:
+                    return self.next_size()
+            self.probes += 1
         else:
             size = max(1, min(self.cap, int(_CHUNK_TARGET / max(self.per_item, 1e-8))))
         if self.buffersize is not None:
@@ -1059,7 +1074,7 @@ class _MapRun:
                 return
             task = pool._submit_chunk(self.fn, items, self.kind, self)
             if not self.ordered:
-                task.future.add_done_callback(lambda _f, t=task: self.done_q.put(t))
+                task.future.add_done_callback(partial(_put_task, self.done_q, task))
             self.inflight.append(task)
             self.items_inflight += task.n
 
@@ -1110,10 +1125,14 @@ class _MapRun:
         return values, failure
 
 
+def _put_task(q: queue.SimpleQueue[_Task], task: _Task, _fut: Future[Any]) -> None:
+    q.put(task)
+
+
 def _progress_bar(total: int | None) -> Any:
     # tqdm, imported only when asked for. Without its monitor thread: the
     # bar is updated by the iterating thread, and no thread outlives a map.
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
     class _Bar(tqdm):  # type: ignore[type-arg,misc]
         monitor_interval = 0
