@@ -599,6 +599,14 @@ class _Run:
                 seq, items = out.recv(timeout=_POLL_S, ctx=ctx)
             except TimeoutError:
                 self._look_for_crashes()
+                if ctx.draining:
+                    # The feeder may be stuck inside the source (a read from a
+                    # terminal or pipe): stop the input here. What was sent is
+                    # still delivered; a send in progress fails and its chunk,
+                    # never taken, is dropped.
+                    out_first = self.chans[0]
+                    out_first.close()
+                    del out_first
                 continue
             except EndOfChannel:
                 ended = True

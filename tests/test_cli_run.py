@@ -271,3 +271,36 @@ def test_progress_bar_goes_to_stderr(jobs: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [str(2 * i) for i in range(30)]
     assert "30/30" in r.stderr
+
+
+def test_sigint_drains_while_waiting_for_stdin(jobs: Path) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mpchan", "run", "jobs:double", "--no-progress"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+        cwd=jobs,
+        env=_env(),
+        start_new_session=True,
+    )
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        p.stdin.write(b"1\n2\n3\n")  # and keep stdin open: the reader blocks
+        lines = [p.stdout.readline() for _ in range(3)]
+        assert [int(v) for v in lines] == [2, 4, 6]
+        os.kill(p.pid, signal.SIGINT)
+        p.wait(timeout=30)  # stdin still open: the drain must not wait for its end
+        assert p.stderr is not None
+        out, err = p.stdout.read(), p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdin.close()
+        for f in (p.stdout, p.stderr):
+            if f is not None:
+                f.close()
+    assert p.returncode == 130, err
+    assert out == b""
+    assert b"drained: 3 item(s) read, 3 result(s) written" in err
