@@ -56,10 +56,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import cloudpickle
 
@@ -96,7 +96,11 @@ T = TypeVar("T")
 COLLECTOR_THREAD = "mpchan-pool-collector"
 WATCHER_THREAD = "mpchan-pool-ctx"
 
-_DEPTH_MAX = 1024  # most tasks queued at one worker (its channel's capacity)
+_DEPTH_MAX = 1024  # most tasks queued at one worker
+# Invariant: _TASK_CAPACITY >= _DEPTH_MAX. Bigger than needed: a channel's
+# ring grows with its capacity, and chunks of up to ~64 KiB then travel
+# inline rather than through a payload file.
+_TASK_CAPACITY = 4096
 _RESULTS_CAPACITY = 4096
 _TICK = 0.05  # longest collector wait when timeouts or drains need watching
 _QUEUE_TARGET = 0.01  # seconds of work to keep queued at each worker (> a GIL switch)
@@ -625,7 +629,7 @@ class Pool(Executor):
     def _start_slot(self) -> None:
         worker = self._sup.acquire()
         try:
-            ch = Channel(_DEPTH_MAX)
+            ch = Channel(_TASK_CAPACITY)
             request = encode_task(
                 pool_worker_loop,
                 (
@@ -1079,6 +1083,14 @@ class _MapRun:
             self.items_inflight += task.n
 
     def results(self) -> Iterator[Any]:
+        # The items of each chunk are handed out by itertools.chain in C; this
+        # generator runs once per chunk, not once per item.
+        chunks = self._chunks()
+        it = cast(_MapIterator, _MapIterator.from_iterable(chunks))
+        it._chunks = chunks
+        return it
+
+    def _chunks(self) -> Generator[list[Any], None, None]:
         try:
             while self.inflight:
                 task = self._next_done()
@@ -1086,7 +1098,7 @@ class _MapRun:
                 values, failure = self._outcome(task)
                 if self.bar is not None:
                     self.bar.update(len(values) + (failure is not None))
-                yield from values
+                yield values
                 # Counted until yielded, so buffersize bounds what is read
                 # from the input and not yet handed to the caller.
                 self.items_inflight -= task.n
@@ -1123,6 +1135,16 @@ class _MapRun:
         value = task.future.result()
         values, failure = value
         return values, failure
+
+
+class _MapIterator(itertools.chain):  # type: ignore[type-arg]
+    """The iterator ``map`` returns: a chain over result chunks, with ``close()``."""
+
+    _chunks: Generator[list[Any], None, None]
+
+    def close(self) -> None:
+        """Stop: cancel what was not started. Never blocks."""
+        self._chunks.close()
 
 
 def _put_task(q: queue.SimpleQueue[_Task], task: _Task, _fut: Future[Any]) -> None:

@@ -94,15 +94,13 @@ def test_endless_input_in_flat_memory() -> None:
             assert pulled - n <= 64 + 1, "map must read its input lazily"
             if n == 20_000:
                 break
-        it.close()  # type: ignore[attr-defined]
+        it.close()  # type: ignore[attr-defined]  # cancels what was not started
 
 
 def test_endless_input_unordered_default_window() -> None:
     with Pool(2) as pool:
         src = itertools.count()
-        got = 0
-        for _ in pool.imap_unordered(square, src, timeout=WAIT):
-            got += 1
+        for got, _ in enumerate(pool.imap_unordered(square, src, timeout=WAIT), 1):
             if got == 5000:
                 break
         # the window is bounded: far fewer than "everything" was read
