@@ -244,6 +244,11 @@ def _stage_main(
                 emit(None, rest)
     except (Cancelled, ChannelClosed):
         st["cancelled"] = True
+    except BaseException:
+        # anything else (a result that cannot be pickled, a bug): fail the
+        # pipeline at once rather than when the consumer notices
+        cancel(("error", index, os.getpid()))
+        raise
     finally:
         wg.done()
         if wg.count == 0:

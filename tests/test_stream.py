@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -277,3 +278,13 @@ def test_runs_once_and_validates() -> None:
         mpchan.stream(range(3)).batch(0)
     with pytest.raises(ValueError):
         list(mpchan.stream(range(3)))
+
+
+def unpicklable(x: int) -> object:
+    return threading.Lock()  # cannot be pickled: fails when sent to the next stage
+
+
+def test_unpicklable_result_fails_the_stream() -> None:
+    s = mpchan.stream(itertools.count()).map(unpicklable, workers=2).map(square)
+    with pytest.raises(mpchan.SerializationError):
+        s.collect()
