@@ -18,10 +18,11 @@ Scenarios:
       to a warm pool of one worker alike. ``rt_go_cold``: the first ``go`` of a
       program (supervisor, forkserver and worker started on the way) against a new
       ProcessPoolExecutor's first ``submit``, both with forkserver.
-    - ``rt_startup_<method>``: from before ``import`` to the result of one task on
-      2 workers: mpchan ``Supervisor(method).prestart(2)`` then ``go``;
-      ``ProcessPoolExecutor(max_workers=2, mp_context=method)`` then ``submit`` (it
-      starts its workers on demand for spawn/forkserver, so it may start only one).
+    - ``rt_startup_<method>``: from after the imports to the result of one task on a
+      pool of 2: mpchan ``Supervisor(method, max_idle=2)`` then ``go`` (workers start
+      on demand); ``ProcessPoolExecutor(max_workers=2, mp_context=method)`` then
+      ``submit`` (on demand for spawn/forkserver, both at once for fork); and, as a
+      reference row, mpchan starting both workers first (``prestart(2)``).
     - ``rt_sigkill_workers`` / ``rt_sigkill_segments``: a program with 2 workers busy
       in a task is killed with SIGKILL; live worker processes 1 s later, and files it
       left in the shared-memory directory 3 s later. Survivors are killed afterwards.
@@ -41,7 +42,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Contender, Scenario, needs_modules
+from benchmarks.harness import Contender, Scenario, Skip, needs_modules
 
 GROUP = "runtime"
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,9 +156,9 @@ def _cancel_scenario(which: str) -> Scenario:
         higher_is_better=False,
         contenders=(
             Contender("mpchan", _cancel(CANCEL_MPCHAN, which), kind="mpchan"),
-            Contender("mp.Event.set (reference)", _cancel(CANCEL_EVENT, which), kind="reference"),
+            Contender("mp.Event (wake-up only)", _cancel(CANCEL_EVENT, which)),
         ),
-        params=lambda q: {"trials": 100 if q else 200},
+        params=lambda q: {"trials": 30 if q else 200},
         description="Time from the parent's cancel() to the moment a worker blocked in "
         "ch.recv(ctx=ctx) has Cancelled in hand, measured with time.monotonic in both "
         f"processes; {which} over the trials. Reference: multiprocessing.Event.set waking "
@@ -197,8 +198,9 @@ if __name__ == "__main__":
 GO_COLD_MPCHAN = """
 import json, time
 import mpchan
+go = mpchan.go  # the facade is lazy: import what go needs before timing
 t = time.monotonic()
-started = mpchan.go(time.monotonic).result()
+started = go(time.monotonic).result()
 mpchan.shutdown()
 print(json.dumps((started - t) * 1e3))
 """
@@ -232,7 +234,7 @@ GO_WARM = Scenario(
         Contender("mpchan", _value(GO_WARM_MPCHAN), kind="mpchan"),
         Contender("ProcessPoolExecutor", _value(GO_WARM_PPE)),
     ),
-    params=lambda q: {"calls": 100 if q else 300},
+    params=lambda q: {"calls": 50 if q else 300},
     description="Time from go(time.monotonic) to the function starting in a cached idle "
     "worker (the value it returns), one call at a time; ProcessPoolExecutor.submit to a "
     "warm one-worker pool alike (forkserver).",
@@ -258,15 +260,15 @@ GO_COLD = Scenario(
 # ----------------------------------------------------------------------------- start-up
 
 STARTUP_MPCHAN = """
-import json, sys, time
-t0 = time.monotonic()
-import os
+import json, os, sys, time
 import mpchan
-from mpchan import _supervisor
+from mpchan import _go, _supervisor
 p = json.loads(sys.argv[1])
-sup = _supervisor.Supervisor(p["method"])
+t0 = time.monotonic()
+sup = _supervisor.Supervisor(p["method"], max_idle=2)
 _supervisor.set_supervisor(sup)
-sup.prestart(2)
+if p.get("prestart"):
+    sup.prestart(2)
 mpchan.go(os.getpid).result()
 elapsed = (time.monotonic() - t0) * 1e3
 workers = len(sup.pids())
@@ -275,12 +277,11 @@ print(json.dumps([elapsed, workers]))
 """
 
 STARTUP_PPE = """
-import json, sys, time
-t0 = time.monotonic()
-import os, multiprocessing
+import json, os, sys, time, multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 if __name__ == "__main__":
     p = json.loads(sys.argv[1])
+    t0 = time.monotonic()
     ex = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(p["method"]))
     ex.submit(os.getpid).result()
     elapsed = (time.monotonic() - t0) * 1e3
@@ -290,9 +291,11 @@ if __name__ == "__main__":
 """
 
 
-def _startup(program: str) -> Callable[[Mapping[str, Any]], float]:
+def _startup(program: str, **extra: Any) -> Callable[[Mapping[str, Any]], float]:
     def run(params: Mapping[str, Any]) -> float:
-        elapsed, _workers = _run(program, params)
+        if extra and params.get("quick"):
+            raise Skip("measured in full runs only")
+        elapsed, _workers = _run(program, {**params, **extra})
         return float(elapsed)
 
     return run
@@ -302,18 +305,25 @@ def _startup_scenario(method: str) -> Scenario:
     return Scenario(
         name=f"rt_startup_{method}",
         group=GROUP,
-        label=f"start 2 workers + 1 task ({method})",
+        label=f"pool of 2 workers, 1 task: start-up ({method})",
         unit="ms",
         higher_is_better=False,
         contenders=(
             Contender("mpchan", _startup(STARTUP_MPCHAN), kind="mpchan"),
             Contender("ProcessPoolExecutor", _startup(STARTUP_PPE)),
+            Contender(
+                "mpchan, prestart(2) first",
+                _startup(STARTUP_MPCHAN, prestart=True),
+                kind="reference",
+            ),
         ),
         params=lambda q: {"method": method},
-        description=f"From before the imports of a fresh program to the result of one "
-        f"task, start method {method}: mpchan Supervisor + prestart(2) + go(); "
-        "ProcessPoolExecutor(max_workers=2) + submit() (which starts workers on demand "
-        "for spawn and forkserver, so it may start just one).",
+        description=f"From after the imports of a fresh program to the result of one "
+        f"task on a pool of 2, start method {method}. mpchan: Supervisor(max_idle=2) + "
+        "go(), which starts workers on demand (here one); ProcessPoolExecutor("
+        "max_workers=2) + submit(), which starts them on demand for spawn and forkserver "
+        "(one) and all at once for fork (two). The reference row makes mpchan start both "
+        "workers first (Supervisor.prestart(2)), then go().",
     )
 
 
@@ -404,6 +414,9 @@ if __name__ == "__main__":
 }
 
 
+QUICK_KILL = ("mpchan", "ProcessPoolExecutor")
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -420,6 +433,8 @@ def _kill_run(name: str, what: str) -> Callable[[Mapping[str, Any]], float]:
     """SIGKILL a program holding 2 busy workers; count what is left."""
 
     def run(params: Mapping[str, Any]) -> float:
+        if params.get("quick") and name not in QUICK_KILL:
+            raise Skip("measured in full runs only (a program start-up each)")
         before = _shm_files()
         proc = subprocess.Popen(
             [sys.executable, "-c", KILL_COMMON + KILL_PROGRAMS[name]],
@@ -441,16 +456,24 @@ def _kill_run(name: str, what: str) -> Callable[[Mapping[str, Any]], float]:
                 raise RuntimeError(f"expected 2 workers, found {info['pids']}")
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
+            killed = time.monotonic()
             if what == "workers":
-                time.sleep(1.0)
+                # what is still alive 1 s later (polled: all gone ends it early)
+                while time.monotonic() - killed < 1.0:
+                    if not any(_alive(p) for p in info["pids"]):
+                        return 0.0
+                    time.sleep(0.01)
                 return float(sum(_alive(p) for p in info["pids"]))
-            time.sleep(3.0)
-            left = _shm_files() - before
-            if info["token"]:
-                left = {f for f in left if f.startswith(f"mpchan-{info['token']}-")}
-            else:
-                left = {f for f in left if not f.startswith("mpchan-")}
-            return float(len(left))
+
+            def left() -> set[str]:
+                new = _shm_files() - before
+                if info["token"]:
+                    return {f for f in new if f.startswith(f"mpchan-{info['token']}-")}
+                return {f for f in new if not f.startswith("mpchan-")}
+
+            while time.monotonic() - killed < 3.0 and left():
+                time.sleep(0.02)
+            return float(len(left()))
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -64,6 +64,7 @@ import multiprocessing.connection
 import os
 import select
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -780,8 +781,9 @@ def _forget_parents_forkserver() -> None:
     # server, and its copy of the server's "alive" pipe would keep that
     # server running after the parent died. Start from a clean state; the
     # child gets a server of its own if it needs one.
-    from multiprocessing import forkserver
-
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    if forkserver is None:
+        return  # never imported: there is no server state to forget (and a fork stays cheap)
     server = getattr(forkserver, "_forkserver", None)
     if server is None or getattr(server, "_forkserver_pid", None) is None:
         return

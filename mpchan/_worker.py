@@ -31,11 +31,13 @@ leaves at once with :data:`ORPHANED_EXITCODE`.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import signal
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -119,10 +121,24 @@ def encode_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     Runs in the caller, so nothing was sent and no worker was touched when it
     fails. Never blocks (beyond the pickling itself).
     """
+    task = (fn, args, kwargs)
+    if "cloudpickle" not in sys.modules and _by_name(fn):
+        # Until cloudpickle is loaded (its import costs tens of milliseconds,
+        # a good part of a fork worker's start-up), a task that plain pickle
+        # encodes exactly as cloudpickle would -- everything by name from an
+        # importable module -- goes with plain pickle. Nothing can have been
+        # registered to go by value yet, so only __main__ and objects pickle
+        # cannot name go by value; _ByNamePickler refuses those.
+        try:
+            buf = io.BytesIO()
+            _ByNamePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(task)
+            return TASK + buf.getvalue()
+        except Exception:
+            pass  # cloudpickle decides, and reports what cannot be pickled
     import cloudpickle
 
     try:
-        data: bytes = cloudpickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        data: bytes = cloudpickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
         from ._errors import SerializationError
 
@@ -130,6 +146,24 @@ def encode_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
             f"cannot pickle the task {describe_callable(fn)}: {type(e).__name__}: {e}"
         ) from e
     return TASK + data
+
+
+def _by_name(obj: Any) -> bool:
+    # A function or class that plain pickle would save as a reference, where
+    # cloudpickle would too.
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", "")
+    return module is not None and module != "__main__" and "<locals>" not in qualname
+
+
+class _ByNamePickler(pickle.Pickler):
+    """Plain pickle that refuses what cloudpickle would send by value."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Not called for str, int, list, dict and other plain containers.
+        if isinstance(obj, (type, types.FunctionType)) and not _by_name(obj):
+            raise pickle.PicklingError(f"{obj!r} goes by value")
+        return NotImplemented
 
 
 def decode_reply(reply: bytes, *, where: str) -> Any:
