@@ -1,4 +1,5 @@
-"""The ``mpchan`` command line (edge module: uses the public API only).
+"""The ``mpchan`` command line (edge module: uses the public API, plus the
+supervisor setter for ``--start-method`` until there is a public one).
 
 Commands::
 
@@ -8,7 +9,8 @@ Commands::
 
 Exit status: 0 success, 1 failure (a task failed), 2 usage error (click's
 convention; also a bad MODULE:FUNC, unreadable input, malformed JSON),
-130 after SIGINT, 143 after SIGTERM.
+130 after SIGINT, 143 after SIGTERM, 141 when the reader of the output
+went away (``mpchan run ... | head``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -324,10 +327,14 @@ def _run(
         writer = _Writer(out_fh, jsonl, bar)
         try:
             s.run(writer)
+            out_fh.flush()
         except _BadUsage as exc:
             outcome["usage"] = exc
+        except BrokenPipeError:
+            # the reader went away (`mpchan run ... | head`): stop quietly
+            outcome["pipe"] = True
+            _silence(out_fh)
         finally:
-            out_fh.flush()
             if bar is not None:
                 bar.close()
         stats = s.stats()
@@ -355,7 +362,20 @@ def _run(
         mpchan.shutdown()
     if "usage" in outcome and status in (0, 1):
         raise outcome["usage"]
+    if "pipe" in outcome and status in (0, 1):
+        return 128 + signal.SIGPIPE
     return status
+
+
+def _silence(fh: IO[str]) -> None:
+    """Point a broken output at /dev/null, so flushing it at exit cannot fail."""
+    try:
+        fd = fh.fileno()
+    except (OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 @cli.command()

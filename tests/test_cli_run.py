@@ -304,3 +304,28 @@ def test_sigint_drains_while_waiting_for_stdin(jobs: Path) -> None:
     assert p.returncode == 130, err
     assert out == b""
     assert b"drained: 3 item(s) read, 3 result(s) written" in err
+
+
+def test_reader_going_away_ends_quietly(jobs: Path) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mpchan", "run", "jobs:double", "--range", "0:1000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+        cwd=jobs,
+        env=_env(),
+        start_new_session=True,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    try:
+        assert p.stdout.readline() == b"0\n"
+        p.stdout.close()  # as `| head -1` does
+        p.wait(timeout=30)
+        err = p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+    assert p.returncode == 128 + signal.SIGPIPE, err
+    assert b"Traceback" not in err
