@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import cloudpickle
 import psutil
@@ -306,3 +309,59 @@ def test_shutdown_stops_running_goroutines(g: gate.Gate, mpchan_leak_check: None
         assert _go.go(add, 2, 3).result(timeout=30) == 5
     finally:
         _go.shutdown(timeout=2)
+
+
+# -- how tasks are pickled --------------------------------------------------------------
+
+FRESH_PROGRAM = """
+import json, os, sys
+from mpchan import _go, _supervisor
+
+def plus_one(x):
+    return x + 1
+
+class Box:
+    def __init__(self, v):
+        self.v = v
+
+def unbox(box):
+    return box.v
+
+if __name__ == "__main__":
+    _supervisor.set_supervisor(_supervisor.Supervisor(sys.argv[1]))
+    out = {
+        "other_pid": _go.go(os.getpid).result(timeout=60) != os.getpid(),
+        "cloudpickle_after_builtin": "cloudpickle" in sys.modules,
+        "main_function": _go.go(plus_one, 1).result(timeout=60),
+        "main_class": _go.go(unbox, Box(5)).result(timeout=60),
+        "lambda": _go.go(lambda: 7).result(timeout=60),
+        "returned_main_class": type(_go.go(Box, 3).result(timeout=60)).__name__,
+    }
+    _go.shutdown(timeout=5)
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_tasks_go_by_name_or_by_value_in_a_fresh_program(method: str) -> None:
+    """A program that has not loaded cloudpickle sends by-name tasks with plain
+    pickle; what lives in ``__main__`` (or has no importable name) still goes
+    by value, so a worker that cannot import ``__main__`` runs it."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env.pop("MPCHAN_SESSION", None)
+    run = subprocess.run(
+        [sys.executable, "-c", FRESH_PROGRAM, method],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1]) == {
+        "other_pid": True,
+        "cloudpickle_after_builtin": False,
+        "main_function": 2,
+        "main_class": 5,
+        "lambda": 7,
+        "returned_main_class": "Box",
+    }
