@@ -18,8 +18,16 @@ descendant in every process -- they all watch it -- and never a parent.
 
 Invariants:
     - a node's closed flag only goes from 0 to 1; the first record staged
-      in it is the cause of the first ``cancel`` (later ones find it closed).
+      in it is the cause of the first ``cancel`` (later ones find it closed,
+      or stage behind it); a record is at most a quarter of the node's ring,
+      so the first one always fits.
     - the deadline of a context is the minimum along its chain.
+    - ``Context._own`` is true only for the context ``with_cancel`` /
+      ``with_deadline`` made the chain's first node for; only it cancels
+      that node when its ``with`` block ends.
+    - err(): of the chain's cancelled nodes, the one cancelled first (by its
+      record's monotonic time) decides the cause; a deadline that passed
+      before it makes it DeadlineExceeded instead.
 
 Ownership:
     - ``cancel`` (picklable) is the only writer of its node; any process may
@@ -130,8 +138,11 @@ def _open_node(name: str) -> _Node:
 class Context:
     """A Go context: cancellation, deadline and values, valid in every process.
 
-    Pickles to a handle that stays linked to the original.  Use as a context
-    manager to cancel it on leaving the block.
+    Pickles to a handle that stays linked to the original: cancelling it (or
+    an ancestor) anywhere is seen everywhere, at once by every process blocked
+    under it.  Use as a context manager to cancel it on leaving the block; a
+    context made by ``with_value`` (or ``background()``) has no cancel of its
+    own, so leaving its block cancels nothing -- least of all its parent.
     Process safety: every method may be called from any thread or process.
     """
 
