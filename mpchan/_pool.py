@@ -46,22 +46,17 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
-import math
 import os
 import pickle
-import queue
 import signal
-import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from functools import partial
-from typing import Any, TypeVar, cast
-
-import cloudpickle
+from typing import Any, TypeVar
 
 from . import _supervisor
 from ._channel import Channel
@@ -75,10 +70,17 @@ from ._errors import (
     WorkerCrashed,
     WouldBlock,
 )
+from ._poolmap import MapRun
+from ._pooltask import (
+    Slot,
+    Task,
+    copy_error,
+    drop_local_tracebacks,
+    dump,
+    encode_call,
+)
 from ._poolworker import (
     CALL,
-    CHUNK1,
-    CHUNKN,
     INIT_FAILED,
     READY,
     RES_HDR,
@@ -104,9 +106,6 @@ _TASK_CAPACITY = 4096
 _RESULTS_CAPACITY = 4096
 _TICK = 0.05  # longest collector wait when timeouts or drains need watching
 _QUEUE_TARGET = 0.01  # seconds of work to keep queued at each worker (> a GIL switch)
-_CHUNK_TARGET = 0.005  # seconds of work per automatic chunk
-_CHUNK_MAX = 65536
-_WINDOW_PER_WORKER = 16  # default chunks in flight per worker for map
 _MAX_INIT_CRASHES = 3  # workers dying before ready, in a row, before the pool breaks
 
 _loads = pickle.loads
@@ -114,102 +113,6 @@ _dumps = pickle.dumps
 _HIGHEST = pickle.HIGHEST_PROTOCOL
 _R = RESULT[0]
 _WAKE_MSG = RES_HDR.pack(WAKE, 0, 0.0)
-
-
-class _Task:
-    __slots__ = ("fn", "future", "kind", "msg", "n", "owner", "retries", "running", "tid")
-
-    def __init__(
-        self, tid: int, msg: bytes, fn: Any, retries: int, kind: int, n: int, owner: Any
-    ) -> None:
-        self.tid = tid
-        self.msg = msg
-        self.fn = fn  # for messages only
-        self.retries = retries
-        self.kind = kind
-        self.n = n  # items (1 for a call)
-        self.owner = owner  # a _MapRun that learns from the timing, or None
-        self.future: Future[Any] = Future()
-        self.running = False
-
-    @property
-    def name(self) -> str:
-        return describe_callable(self.fn)
-
-
-class _Slot:
-    """The parent's view of one pool worker."""
-
-    __slots__ = (
-        "assigned",
-        "ch",
-        "done",
-        "loop",
-        "proc",
-        "queue",
-        "ready",
-        "retiring",
-        "started_at",
-        "timed_out",
-        "wid",
-        "worker",
-    )
-
-    def __init__(self, worker: _supervisor.Worker, ch: Channel) -> None:
-        self.wid = worker.id
-        self.worker = worker
-        self.ch = ch
-        self.loop: Future[bytes] | None = None
-        # Invariant: the fields below change only under Pool._lock.
-        self.queue: deque[_Task] = deque()
-        self.ready = False
-        self.retiring = False  # told to stop, or announced it leaves: nothing runs
-        self.started_at = 0.0  # when queue[0] started (monotonic)
-        self.timed_out = -1  # tid of the task it was killed for
-        self.assigned = 0
-        self.done = 0
-        self.proc: Any = None  # psutil.Process, made by stats()
-
-
-def _encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    return b"T" + _dump((fn, args, kwargs), fn)
-
-
-def _dump(obj: Any, fn: Any) -> bytes:
-    # The C pickler is several times faster than cloudpickle, but it pickles
-    # every function by reference; functions of __main__, lambdas, closures
-    # and modules registered with cloudpickle.register_pickle_by_value need
-    # cloudpickle (by value).
-    if _by_reference(fn):
-        try:
-            return _dumps(obj, _HIGHEST)
-        except Exception:
-            pass
-    data: bytes = cloudpickle.dumps(obj, protocol=_HIGHEST)
-    return data
-
-
-_byref_cache: dict[Any, bool] = {}
-
-
-def _by_reference(fn: Any) -> bool:
-    try:
-        return _byref_cache[fn]
-    except (KeyError, TypeError):
-        pass
-    check = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
-    if check is None:
-        answer = getattr(fn, "__module__", None) != "__main__"
-    else:
-        try:
-            answer = bool(check(fn))
-        except Exception:
-            answer = False
-    with contextlib.suppress(TypeError):
-        if len(_byref_cache) > 1024:
-            _byref_cache.clear()
-        _byref_cache[fn] = answer
-    return answer
 
 
 class Pool(Executor):
@@ -279,8 +182,8 @@ class Pool(Executor):
         self._loop_args: bytes | None = None
         self._tids = itertools.count()
         self._lock = threading.Lock()
-        self._pending: deque[_Task] = deque()
-        self._slots: dict[int, _Slot] = {}
+        self._pending: deque[Task] = deque()
+        self._slots: dict[int, Slot] = {}
         self._events: deque[tuple[int, Future[bytes]]] = deque()
         self._closed = False  # no more submits (shutdown, drain, cancel, broken)
         self._stopping = False  # workers are told to leave once nothing is left
@@ -332,7 +235,7 @@ class Pool(Executor):
         Process safety: any thread.
         """
         try:
-            msg = TASK_HDR.pack(0, CALL) + _encode_call(fn, args, kwargs)
+            msg = TASK_HDR.pack(0, CALL) + encode_call(fn, args, kwargs)
         except Exception as e:
             name = describe_callable(fn)
             self._check_open()
@@ -380,7 +283,7 @@ class Pool(Executor):
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         self._check_open()
-        run = _MapRun(self, fn, iterables, timeout, chunksize, ordered, buffersize, progress)
+        run = MapRun(self, fn, iterables, timeout, chunksize, ordered, buffersize, progress)
         run.top_up()
         return run.results()
 
@@ -420,7 +323,7 @@ class Pool(Executor):
         Cancellation: none; idempotent.
         Process safety: any thread, also a Future callback (then it does not wait).
         """
-        cancelled: list[_Task] = []
+        cancelled: list[Task] = []
         with self._lock:
             self._closed = True
             self._stopping = True
@@ -532,7 +435,7 @@ class Pool(Executor):
         if self._closed:
             raise ShutdownError("cannot submit to a pool after shutdown or drain began")
 
-    def _submit_msg(self, msg: bytes, fn: Any, kind: int, n: int, owner: Any) -> _Task:
+    def _submit_msg(self, msg: bytes, fn: Any, kind: int, n: int, owner: Any) -> Task:
         if self._closed or self._broken is not None or self._ctx is not None:
             if self._ctx is not None and self._ctx.draining:
                 with self._lock:
@@ -541,7 +444,7 @@ class Pool(Executor):
         tid = next(self._tids)
         # The header's task id is patched in place of the placeholder 0.
         msg = TASK_HDR.pack(tid, kind) + memoryview(msg)[TASK_HDR.size :]
-        task = _Task(tid, msg, fn, self._retries, kind, n, owner)
+        task = Task(tid, msg, fn, self._retries, kind, n, owner)
         self._submitted += 1
         if self._parked and not self._pending:
             # The pool is quiet (the collector waits): hand the task to an
@@ -561,24 +464,24 @@ class Pool(Executor):
             self._wake()
         return task
 
-    def _submit_chunk(self, fn: Any, items: list[Any], kind: int, owner: Any) -> _Task:
+    def _submit_chunk(self, fn: Any, items: list[Any], kind: int, owner: Any) -> Task:
         name = describe_callable(fn)
         try:
-            msg = TASK_HDR.pack(0, kind) + _dump((fn, items), fn)
+            msg = TASK_HDR.pack(0, kind) + dump((fn, items), fn)
         except Exception as e:
             self._check_open()
-            task = _Task(-1, b"", fn, 0, kind, len(items), None)
+            task = Task(-1, b"", fn, 0, kind, len(items), None)
             err = SerializationError(f"cannot pickle a task of {name}: {type(e).__name__}: {e}")
             err.__cause__ = e
             task.future.set_exception(err)
             return task
         return self._submit_msg(msg, fn, kind, len(items), owner)
 
-    def _may_take(self, slot: _Slot) -> bool:
+    def _may_take(self, slot: Slot) -> bool:
         # Caller holds _lock.
         return self._max_tasks is None or slot.assigned < self._max_tasks
 
-    def _assign(self, slot: _Slot, task: _Task) -> bool:
+    def _assign(self, slot: Slot, task: Task) -> bool:
         # Caller holds _lock. False if the task was cancelled meanwhile.
         if not self._claim(slot, task):
             return False
@@ -586,7 +489,7 @@ class Pool(Executor):
         slot.ch.send(task.msg)
         return True
 
-    def _claim(self, slot: _Slot, task: _Task) -> bool:
+    def _claim(self, slot: Slot, task: Task) -> bool:
         # Caller holds _lock: record that ``slot`` runs ``task`` (not sent yet).
         if not task.running:
             if not task.future.set_running_or_notify_cancel():
@@ -599,7 +502,7 @@ class Pool(Executor):
         slot.assigned += 1
         return True
 
-    def _fill(self, slot: _Slot) -> None:
+    def _fill(self, slot: Slot) -> None:
         # Caller holds _lock. One send_many (one wake-up) per call.
         pending = self._pending
         if not pending or slot.retiring:
@@ -616,6 +519,14 @@ class Pool(Executor):
         if msgs:
             # Never blocks: fewer than _DEPTH_MAX messages are queued (Invariants).
             slot.ch.send_many(msgs)
+
+    def _has_room(self) -> bool:
+        # Caller holds _lock.
+        depth = self._depth
+        return any(
+            len(s.queue) < depth and not s.retiring and self._may_take(s)
+            for s in self._slots.values()
+        )
 
     def _dispatch(self) -> None:
         with self._lock:
@@ -647,7 +558,7 @@ class Pool(Executor):
         except BaseException:
             self._sup.release(worker)
             raise
-        slot = _Slot(worker, ch)
+        slot = Slot(worker, ch)
         with self._lock:
             self._slots[slot.wid] = slot
             self._fill(slot)
@@ -703,10 +614,13 @@ class Pool(Executor):
                 timeout = _TICK if (self._task_timeout or self._stopping) else 1.0
                 self._dispatch()
                 with self._lock:
-                    self._parked = not self._pending
+                    # Submitters wake this thread only when it could hand their
+                    # task to a worker; when every worker is full, the next
+                    # reply wakes it anyway.
+                    self._parked = self._has_room()
                     self._woken = False
                 try:
-                    items = rch.recv_many(512, timeout=timeout if self._parked else 0)
+                    items = rch.recv_many(512, timeout=timeout)
                 except TimeoutError:
                     items = []
                 self._parked = False
@@ -729,7 +643,7 @@ class Pool(Executor):
             self._finish()
 
     def _on_replies(self, items: list[bytes]) -> None:
-        done: list[tuple[_Task, memoryview, int]] = []
+        done: list[tuple[Task, memoryview, int]] = []
         now = time.monotonic()
         with self._lock:
             slots = self._slots
@@ -764,7 +678,7 @@ class Pool(Executor):
         for task, reply, wid in done:
             self._settle(task, reply, wid)
 
-    def _settle(self, task: _Task, reply: memoryview, wid: int) -> None:
+    def _settle(self, task: Task, reply: memoryview, wid: int) -> None:
         fut = task.future
         try:
             if reply[0] == _R:
@@ -780,7 +694,7 @@ class Pool(Executor):
                 where = f"pool worker {wid} running {task.name}"
                 value = decode_reply(bytes(reply), where=where)
         except BaseException as e:
-            _drop_local_tracebacks(e)
+            drop_local_tracebacks(e)
             with contextlib.suppress(InvalidStateError):
                 fut.set_exception(e)
             return
@@ -803,7 +717,7 @@ class Pool(Executor):
             try:
                 decode_reply(msg[RES_HDR.size :], where=f"pool worker {wid} initializer")
             except BaseException as e:
-                _drop_local_tracebacks(e)
+                drop_local_tracebacks(e)
                 broken = WorkerCrashed(
                     f"the pool's initializer failed in worker {wid} (pid {slot.worker.pid}): "
                     f"{type(e).__name__}: {e}",
@@ -816,7 +730,7 @@ class Pool(Executor):
 
     def _on_worker_gone(self, wid: int, loop: Future[bytes]) -> None:
         exc = loop.exception()
-        crashed: _Task | None = None
+        crashed: Task | None = None
         with self._lock:
             slot = self._slots.pop(wid, None)
             if slot is None:
@@ -927,7 +841,7 @@ class Pool(Executor):
                     s.retiring = True
         for task in tasks:
             with contextlib.suppress(InvalidStateError):
-                task.future.set_exception(_copy_error(exc))
+                task.future.set_exception(copy_error(exc))
         for s in slots:
             if kill:
                 with contextlib.suppress(OSError):
@@ -989,201 +903,6 @@ class Pool(Executor):
                     self._closed = True
                     self._stopping = True
                 self._wake()
-
-
-class _MapRun:
-    """One ``map`` call: lazy input, chunking, the window, ordered or not."""
-
-    def __init__(
-        self,
-        pool: Pool,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        timeout: float | None,
-        chunksize: int | None,
-        ordered: bool,
-        buffersize: int | None,
-        progress: bool,
-    ) -> None:
-        self.pool = pool
-        self.fn = fn
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.timeout = timeout
-        self.chunksize = chunksize
-        self.ordered = ordered
-        self.kind = CHUNK1 if len(iterables) == 1 else CHUNKN
-        self.it: Iterator[Any] = (
-            iter(iterables[0]) if len(iterables) == 1 else zip(*iterables, strict=False)
-        )
-        total: int | None = None
-        with contextlib.suppress(TypeError):
-            total = min(len(x) for x in iterables)  # type: ignore[arg-type]
-        self.total = total
-        workers = pool.workers
-        self.cap = _CHUNK_MAX if total is None else max(1, math.ceil(total / (4 * workers)))
-        self.buffersize = buffersize
-        self.window = _WINDOW_PER_WORKER * workers
-        self.per_item: float | None = None
-        self.obs_secs = 0.0
-        self.obs_items = 0.0
-        self.probes = 0
-        self.inflight: deque[_Task] = deque()
-        self.items_inflight = 0
-        self.exhausted = False
-        self.done_q: queue.SimpleQueue[_Task] = queue.SimpleQueue()
-        self.bar: Any = None
-        if progress:
-            self.bar = _progress_bar(total)
-
-    def observe(self, secs: float, n: int) -> None:
-        # Collector thread: the calls of a finished chunk took ``secs``. Recent
-        # chunks count more (tasks may change), big ones more than small ones.
-        self.obs_secs = 0.5 * self.obs_secs + secs
-        self.obs_items = 0.5 * self.obs_items + n
-        self.per_item = self.obs_secs / max(self.obs_items, 1e-9)
-
-    def next_size(self) -> int:
-        if self.chunksize is not None:
-            size = self.chunksize
-        elif self.per_item is None:
-            size = 1  # probe: a long task must not take a big chunk with it
-            if self.probes >= self.pool.workers and self.inflight:
-                # Every worker has a probe: give the first one a few ms to
-                # answer. Tiny tasks answer, and get big chunks at once; a
-                # task that does not answer is long, and probes are right.
-                with contextlib.suppress(Exception):
-                    self.inflight[0].future.exception(_CHUNK_TARGET)
-                if self.per_item is not None:
-                    return self.next_size()
-            self.probes += 1
-        else:
-            size = max(1, min(self.cap, int(_CHUNK_TARGET / max(self.per_item, 1e-8))))
-        if self.buffersize is not None:
-            size = min(size, max(1, self.buffersize - self.items_inflight))
-        return size
-
-    def top_up(self) -> None:
-        pool = self.pool
-        while not self.exhausted and len(self.inflight) < self.window:
-            if self.buffersize is not None and self.items_inflight >= self.buffersize:
-                return
-            if pool._closed or (pool._ctx is not None and pool._ctx.draining):
-                if pool._quiet_stop():
-                    self.exhausted = True  # a drain: stop intake, yield what is in flight
-                    return
-                pool._check_open()
-            items = list(itertools.islice(self.it, self.next_size()))
-            if not items:
-                self.exhausted = True
-                return
-            task = pool._submit_chunk(self.fn, items, self.kind, self)
-            if not self.ordered:
-                task.future.add_done_callback(partial(_put_task, self.done_q, task))
-            self.inflight.append(task)
-            self.items_inflight += task.n
-
-    def results(self) -> Iterator[Any]:
-        # The items of each chunk are handed out by itertools.chain in C; this
-        # generator runs once per chunk, not once per item.
-        chunks = self._chunks()
-        it = cast(_MapIterator, _MapIterator.from_iterable(chunks))
-        it._chunks = chunks
-        return it
-
-    def _chunks(self) -> Generator[list[Any], None, None]:
-        try:
-            while self.inflight:
-                task = self._next_done()
-                self.top_up()  # a chunk's worth of room: keep the workers busy
-                values, failure = self._outcome(task)
-                if self.bar is not None:
-                    self.bar.update(len(values) + (failure is not None))
-                yield values
-                # Counted until yielded, so buffersize bounds what is read
-                # from the input and not yet handed to the caller.
-                self.items_inflight -= task.n
-                if failure is not None:
-                    decode_reply(failure, where=f"a pool worker running {task.name}")
-        finally:
-            for task in self.inflight:
-                task.future.cancel()
-            self.inflight.clear()
-            if self.bar is not None:
-                self.bar.close()
-
-    def _next_done(self) -> _Task:
-        left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-        if self.ordered:
-            task = self.inflight[0]
-            try:
-                task.future.exception(left)
-            except TimeoutError:
-                raise TimeoutError(f"map results not ready within {self.timeout} s") from None
-            except Exception:
-                pass  # cancelled: _outcome raises
-            self.inflight.popleft()
-            return task
-        try:
-            task = self.done_q.get(timeout=left)
-        except queue.Empty:
-            raise TimeoutError(f"map results not ready within {self.timeout} s") from None
-        self.inflight.remove(task)
-        return task
-
-    @staticmethod
-    def _outcome(task: _Task) -> tuple[list[Any], bytes | None]:
-        value = task.future.result()
-        values, failure = value
-        return values, failure
-
-
-class _MapIterator(itertools.chain):  # type: ignore[type-arg]
-    """The iterator ``map`` returns: a chain over result chunks, with ``close()``."""
-
-    _chunks: Generator[list[Any], None, None]
-
-    def close(self) -> None:
-        """Stop: cancel what was not started. Never blocks."""
-        self._chunks.close()
-
-
-def _put_task(q: queue.SimpleQueue[_Task], task: _Task, _fut: Future[Any]) -> None:
-    q.put(task)
-
-
-def _progress_bar(total: int | None) -> Any:
-    # tqdm, imported only when asked for. Without its monitor thread: the
-    # bar is updated by the iterating thread, and no thread outlives a map.
-    from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
-
-    class _Bar(tqdm):  # type: ignore[type-arg,misc]
-        monitor_interval = 0
-
-    return _Bar(total=total, file=sys.stderr, unit="task", dynamic_ncols=True, smoothing=0.1)
-
-
-def _drop_local_tracebacks(exc: BaseException) -> None:
-    # An exception raised here keeps this thread's frames, and through them
-    # the pool's channels, alive for as long as its Future lives. Its local
-    # frames say nothing useful (the remote traceback is in __cause__).
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        e.__traceback__ = None
-        todo += [e.__cause__, e.__context__]
-
-
-def _copy_error(exc: BaseException) -> BaseException:
-    # One exception instance per Future: a shared one would collect tracebacks.
-    if isinstance(exc, Cancelled):
-        new: BaseException = type(exc)(str(exc), exc.cause)
-        new.__cause__ = exc.__cause__
-        return new
-    return exc
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()

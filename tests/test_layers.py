@@ -44,6 +44,8 @@ LAYERS: dict[str, int | str] = {
     "_supervisor": 6,
     "_go": 7,
     "_pool": 7,
+    "_pooltask": 7,
+    "_poolmap": 7,
     "_group": 7,
     "_stream": 8,
     "_fan": 8,

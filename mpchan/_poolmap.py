@@ -1,0 +1,213 @@
+"""``Pool.map``: lazy input, automatic chunks, a bounded window, order (layer 7).
+
+Flow of one ``map`` call::
+
+    input iterator --islice(chunk size)--> pool._submit_chunk --> Task (PoolFuture)
+         ^ read only while the window has room        |
+         |                                            v
+    caller <-- itertools.chain <-- _chunks() <-- next finished Task (in order,
+               (items, in C)       (per chunk)        or as finished)
+
+Chunk size (``chunksize=None``): one single-item probe per worker first;
+the first answer gives the time per call, then chunks hold about
+``_CHUNK_TARGET`` seconds of calls, at most ``len/(4*workers)`` items when
+the input has a length, so every worker gets several chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import queue
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
+
+from ._pooltask import Task
+from ._poolworker import CHUNK1, CHUNKN
+from ._worker import decode_reply
+
+if TYPE_CHECKING:
+    from ._pool import Pool
+
+__all__ = ["MapRun"]
+
+_CHUNK_TARGET = 0.005  # seconds of calls per automatic chunk
+_CHUNK_MAX = 65536
+_WINDOW_PER_WORKER = 16  # default chunks in flight per worker
+
+
+class MapRun:
+    """One ``map`` call: lazy input, chunking, the window, ordered or not."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int | None,
+        ordered: bool,
+        buffersize: int | None,
+        progress: bool,
+    ) -> None:
+        self.pool = pool
+        self.fn = fn
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.chunksize = chunksize
+        self.ordered = ordered
+        self.kind = CHUNK1 if len(iterables) == 1 else CHUNKN
+        self.it: Iterator[Any] = (
+            iter(iterables[0]) if len(iterables) == 1 else zip(*iterables, strict=False)
+        )
+        total: int | None = None
+        with contextlib.suppress(TypeError):
+            total = min(len(x) for x in iterables)  # type: ignore[arg-type]
+        self.total = total
+        workers = pool.workers
+        self.cap = _CHUNK_MAX if total is None else max(1, math.ceil(total / (4 * workers)))
+        self.buffersize = buffersize
+        self.window = _WINDOW_PER_WORKER * workers
+        self.per_item: float | None = None
+        self.obs_secs = 0.0
+        self.obs_items = 0.0
+        self.probes = 0
+        self.inflight: deque[Task] = deque()
+        self.items_inflight = 0
+        self.exhausted = False
+        self.done_q: queue.SimpleQueue[Task] = queue.SimpleQueue()
+        self.bar: Any = None
+        if progress:
+            self.bar = progress_bar(total)
+
+    def observe(self, secs: float, n: int) -> None:
+        # Collector thread: the calls of a finished chunk took ``secs``. Recent
+        # chunks count more (tasks may change), big ones more than small ones.
+        self.obs_secs = 0.5 * self.obs_secs + secs
+        self.obs_items = 0.5 * self.obs_items + n
+        self.per_item = self.obs_secs / max(self.obs_items, 1e-9)
+
+    def next_size(self) -> int:
+        if self.chunksize is not None:
+            size = self.chunksize
+        elif self.per_item is None:
+            size = 1  # probe: a long task must not take a big chunk with it
+            if self.probes >= self.pool.workers and self.inflight:
+                # Every worker has a probe: give the first one a few ms to
+                # answer. Tiny tasks answer, and get big chunks at once; a
+                # task that does not answer is long, and probes are right.
+                with contextlib.suppress(Exception):
+                    self.inflight[0].future.exception(_CHUNK_TARGET)
+                if self.per_item is not None:
+                    return self.next_size()
+            self.probes += 1
+        else:
+            size = max(1, min(self.cap, int(_CHUNK_TARGET / max(self.per_item, 1e-8))))
+        if self.buffersize is not None:
+            size = min(size, max(1, self.buffersize - self.items_inflight))
+        return size
+
+    def top_up(self) -> None:
+        pool = self.pool
+        while not self.exhausted and len(self.inflight) < self.window:
+            if self.buffersize is not None and self.items_inflight >= self.buffersize:
+                return
+            if pool._closed or (pool._ctx is not None and pool._ctx.draining):
+                if pool._quiet_stop():
+                    self.exhausted = True  # a drain: stop intake, yield what is in flight
+                    return
+                pool._check_open()
+            items = list(itertools.islice(self.it, self.next_size()))
+            if not items:
+                self.exhausted = True
+                return
+            task = pool._submit_chunk(self.fn, items, self.kind, self)
+            if not self.ordered:
+                task.future.add_done_callback(partial(_put_task, self.done_q, task))
+            self.inflight.append(task)
+            self.items_inflight += task.n
+
+    def results(self) -> Iterator[Any]:
+        # The items of each chunk are handed out by itertools.chain in C; this
+        # generator runs once per chunk, not once per item.
+        chunks = self._chunks()
+        it = cast(_MapIterator, _MapIterator.from_iterable(chunks))
+        it._chunks = chunks
+        return it
+
+    def _chunks(self) -> Generator[list[Any], None, None]:
+        try:
+            while self.inflight:
+                task = self._next_done()
+                self.top_up()  # a chunk's worth of room: keep the workers busy
+                values, failure = self._outcome(task)
+                if self.bar is not None:
+                    self.bar.update(len(values) + (failure is not None))
+                yield values
+                # Counted until yielded, so buffersize bounds what is read
+                # from the input and not yet handed to the caller.
+                self.items_inflight -= task.n
+                if failure is not None:
+                    decode_reply(failure, where=f"a pool worker running {task.name}")
+        finally:
+            for task in self.inflight:
+                task.future.cancel()
+            self.inflight.clear()
+            if self.bar is not None:
+                self.bar.close()
+
+    def _next_done(self) -> Task:
+        left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if self.ordered:
+            task = self.inflight[0]
+            try:
+                task.future.exception(left)
+            except TimeoutError:
+                raise TimeoutError(f"map results not ready within {self.timeout} s") from None
+            except Exception:
+                pass  # cancelled: _outcome raises
+            self.inflight.popleft()
+            return task
+        try:
+            task = self.done_q.get(timeout=left)
+        except queue.Empty:
+            raise TimeoutError(f"map results not ready within {self.timeout} s") from None
+        self.inflight.remove(task)
+        return task
+
+    @staticmethod
+    def _outcome(task: Task) -> tuple[list[Any], bytes | None]:
+        value = task.future.result()
+        values, failure = value
+        return values, failure
+
+
+class _MapIterator(itertools.chain):  # type: ignore[type-arg]
+    """The iterator ``map`` returns: a chain over result chunks, with ``close()``."""
+
+    _chunks: Generator[list[Any], None, None]
+
+    def close(self) -> None:
+        """Stop: cancel what was not started. Never blocks."""
+        self._chunks.close()
+
+
+def _put_task(q: queue.SimpleQueue[Task], task: Task, _fut: Future[Any]) -> None:
+    q.put(task)
+
+
+def progress_bar(total: int | None) -> Any:
+    # tqdm, imported only when asked for. Without its monitor thread: the
+    # bar is updated by the iterating thread, and no thread outlives a map.
+    from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+    class _Bar(tqdm):  # type: ignore[type-arg,misc]
+        monitor_interval = 0
+
+    return _Bar(total=total, file=sys.stderr, unit="task", dynamic_ncols=True, smoothing=0.1)
