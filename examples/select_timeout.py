@@ -17,8 +17,7 @@ def answer(out: mpchan.Channel, name: str, delay: float) -> None:
 
 def main() -> None:
     fast, slow = mpchan.Channel(1), mpchan.Channel(1)
-    mpchan.go(answer, fast, "fast", 0.05)
-    mpchan.go(answer, slow, "slow", 5.0)
+    workers = [mpchan.go(answer, fast, "fast", 0.05), mpchan.go(answer, slow, "slow", 1.0)]
     index, value, _ok = mpchan.select(fast, slow, mpchan.after(2.0))
     print("first answer:", value if index < 2 else "timed out")
     # nothing is ready now: a 0.1 s timeout fires
@@ -26,7 +25,9 @@ def main() -> None:
         mpchan.select(slow, timeout=0.1)
     except TimeoutError:
         print("slow worker: no answer within 0.1 s")
-    slow.close()
+    slow.close()  # the slow worker's late send now fails at once
+    for h in workers:
+        h.join()
 
 
 if __name__ == "__main__":
