@@ -17,7 +17,7 @@ def answer(out: mpchan.Channel, name: str, delay: float) -> None:
 
 def main() -> None:
     fast, slow = mpchan.Channel(1), mpchan.Channel(1)
-    workers = [mpchan.go(answer, fast, "fast", 0.05), mpchan.go(answer, slow, "slow", 1.0)]
+    workers = [mpchan.go(answer, fast, "fast", 0.05), mpchan.go(answer, slow, "slow", 3.0)]
     index, value, _ok = mpchan.select(fast, slow, mpchan.after(2.0))
     print("first answer:", value if index < 2 else "timed out")
     # nothing is ready now: a 0.1 s timeout fires
