@@ -523,8 +523,9 @@ class Pool(Executor):
     def _has_room(self) -> bool:
         # Caller holds _lock.
         depth = self._depth
+        low = depth // 2
         return any(
-            len(s.queue) < depth and not s.retiring and self._may_take(s)
+            len(s.queue) <= low and not s.retiring and self._may_take(s)
             for s in self._slots.values()
         )
 
@@ -532,8 +533,10 @@ class Pool(Executor):
         with self._lock:
             if not self._pending:
                 return
+            low = self._depth // 2
             for s in sorted(self._slots.values(), key=lambda s: len(s.queue)):
-                self._fill(s)
+                if len(s.queue) <= low:
+                    self._fill(s)
 
     # -- workers ----------------------------------------------------------------
 
@@ -663,7 +666,6 @@ class Pool(Executor):
                     task.owner.observe(secs, task.n)
                 self._ema = secs if not self._ema else 0.8 * self._ema + 0.2 * secs
                 done.append((task, memoryview(msg)[RES_HDR.size :], wid))
-                self._fill(slot)
             if done:
                 self._counts["completed"] += len(done)
                 ema = self._ema
@@ -672,9 +674,13 @@ class Pool(Executor):
                     if ema > 0.01
                     else max(2, min(_DEPTH_MAX, int(_QUEUE_TARGET / max(ema, 1e-6)) + 1))
                 )
-                for s in slots.values():
-                    if len(s.queue) < self._depth and self._pending:
-                        self._fill(s)
+                if self._pending:
+                    # Refill below the low-water mark only, in one batch: a
+                    # worker woken for every task would cost a wake-up each.
+                    low = self._depth // 2
+                    for s in slots.values():
+                        if len(s.queue) <= low:
+                            self._fill(s)
         for task, reply, wid in done:
             self._settle(task, reply, wid)
 
