@@ -79,6 +79,17 @@ def _mpchan_pool() -> tuple[Any, Callable[[], None]]:
     return pool, close
 
 
+def _mpchan_fork_pool() -> tuple[Any, Callable[[], None]]:
+    mpchan: Any = importlib.import_module("mpchan")
+    pool = mpchan.Pool(WORKERS, start_method="fork")
+
+    def close() -> None:
+        pool.shutdown()
+        mpchan.shutdown()
+
+    return pool, close
+
+
 def _ppe() -> tuple[Any, Callable[[], None]]:
     from concurrent.futures import ProcessPoolExecutor
 
@@ -326,7 +337,7 @@ def _contenders(
 
 
 def _no_startup(params: Mapping[str, Any]) -> float:
-    raise Skip("no pool to start: it starts its processes per call")
+    raise Skip("cannot measure: pypeln has no pool to start (it starts processes per call)")
 
 
 # ------------------------------------------------------------------------ scenarios
@@ -390,6 +401,12 @@ STARTUP = Scenario(
             kind="mpchan",
             available=_mpchan_available,
         ),
+        Contender(
+            "mpchan (fork)",
+            _startup(_mpchan_fork_pool, _submit_each),
+            kind="mpchan",
+            available=_mpchan_available,
+        ),
         Contender("ProcessPoolExecutor", _startup(_ppe, _submit_each)),
         Contender("mp.Pool", _startup(_mp_pool, _mp_apply)),
         Contender("loky", _startup(_loky, _submit_each), available=needs_modules("loky")),
@@ -400,8 +417,10 @@ STARTUP = Scenario(
     ),
     params=lambda quick: {},
     description="From creating the pool (in a fresh process) to holding the result of one "
-    "trivial task. 'mpchan (warm cache)' makes a second pool after a first one was shut "
-    "down: its worker processes come from the supervisor's warm cache.",
+    "trivial task. 'mpchan' uses its default start method (forkserver on Linux: the "
+    "server itself starts first); 'mpchan (fork)' forks like the peers; 'mpchan (warm "
+    "cache)' makes a second pool after a first one was shut down: its worker processes "
+    "come from the supervisor's warm cache.",
 )
 
 SCENARIOS: list[Scenario] = [MAP_TINY, SUBMIT, SCALING, STARTUP]
