@@ -474,7 +474,10 @@ class Supervisor:
         return Worker(wid, process, parent_conn, watch_w, method)
 
     def _new_worker(self) -> Worker:
-        # Start a process and register it as held by the caller.
+        # Start a process and register it as held by the caller. The thread
+        # starts first: made right after a fork, it would pay for the
+        # copy-on-write faults of every page it touches (milliseconds).
+        self._ensure_thread()
         worker = self._start_worker()
         with self._lock:
             closed = self._closed
@@ -483,7 +486,6 @@ class Supervisor:
         if closed:
             self._discard(worker)
             raise ShutdownError("the mpchan supervisor is shut down")
-        self._ensure_thread()
         self._wake()  # the thread must watch the new worker's conn and sentinel
         return worker
 
