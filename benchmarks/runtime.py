@@ -259,11 +259,29 @@ GO_COLD = Scenario(
 
 # ----------------------------------------------------------------------------- start-up
 
-STARTUP_MPCHAN = """
+# CPU of the whole process tree since t0 (workers, forkserver, trackers, reaper).
+TREE_CPU = """
+import psutil
+
+def tree_cpu(cpu0):
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2]) - cpu0
+    for c in me.children(recursive=True):
+        try:
+            total += sum(c.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total * 1e3
+"""
+
+STARTUP_MPCHAN = (
+    TREE_CPU
+    + """
 import json, os, sys, time
 import mpchan
 from mpchan import _go, _supervisor
 p = json.loads(sys.argv[1])
+cpu0 = sum(psutil.Process().cpu_times()[:2])
 t0 = time.monotonic()
 sup = _supervisor.Supervisor(p["method"], max_idle=2)
 _supervisor.set_supervisor(sup)
@@ -271,34 +289,62 @@ if p.get("prestart"):
     sup.prestart(2)
 mpchan.go(os.getpid).result()
 elapsed = (time.monotonic() - t0) * 1e3
+cpu = tree_cpu(cpu0)
 workers = len(sup.pids())
 mpchan.shutdown()
-print(json.dumps([elapsed, workers]))
+print(json.dumps([elapsed, workers, cpu]))
 """
+)
 
-STARTUP_PPE = """
+STARTUP_PPE = (
+    TREE_CPU
+    + """
 import json, os, sys, time, multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 if __name__ == "__main__":
     p = json.loads(sys.argv[1])
+    cpu0 = sum(psutil.Process().cpu_times()[:2])
     t0 = time.monotonic()
     ex = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(p["method"]))
     ex.submit(os.getpid).result()
     elapsed = (time.monotonic() - t0) * 1e3
+    cpu = tree_cpu(cpu0)
     workers = len(ex._processes)
     ex.shutdown()
-    print(json.dumps([elapsed, workers]))
+    print(json.dumps([elapsed, workers, cpu]))
 """
+)
 
 
-def _startup(program: str, **extra: Any) -> Callable[[Mapping[str, Any]], float]:
+def _startup(program: str, cpu: bool = False, **extra: Any) -> Callable[[Mapping[str, Any]], float]:
     def run(params: Mapping[str, Any]) -> float:
         if extra and params.get("quick"):
             raise Skip("measured in full runs only")
-        elapsed, _workers = _run(program, {**params, **extra})
-        return float(elapsed)
+        elapsed, _workers, cpu_ms = _run(program, {**params, **extra})
+        return float(cpu_ms if cpu else elapsed)
 
     return run
+
+
+def _startup_cpu_scenario(method: str) -> Scenario:
+    return Scenario(
+        name=f"rt_startup_cpu_{method}",
+        group=GROUP,
+        label=f"pool of 2 workers, 1 task: CPU of the process tree ({method})",
+        unit="ms CPU",
+        higher_is_better=False,
+        contenders=(
+            Contender("mpchan", _startup(STARTUP_MPCHAN, cpu=True), kind="mpchan"),
+            Contender("ProcessPoolExecutor", _startup(STARTUP_PPE, cpu=True)),
+        ),
+        params=lambda q: {"method": method},
+        requires=("psutil",),
+        description=f"The same runs as rt_startup_{method}, measured in CPU time (user + "
+        "system) of the program and every process it started, from t0 to the first "
+        "result (read with psutil). On a busy machine wall-clock start-up mostly "
+        "measures the scheduler; this is the work each actually did, mpchan's reaper "
+        "and any forkserver or tracker included.",
+    )
 
 
 def _startup_scenario(method: str) -> Scenario:
@@ -526,6 +572,7 @@ SCENARIOS: list[Scenario] = [
     GO_WARM,
     GO_COLD,
     *(_startup_scenario(m) for m in ("fork", "forkserver", "spawn")),
+    *(_startup_cpu_scenario(m) for m in ("fork", "forkserver", "spawn")),
     _kill_scenario("workers"),
     _kill_scenario("segments"),
 ]
