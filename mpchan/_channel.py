@@ -66,12 +66,22 @@ _SLICE = 0.25  # longest single park: a safety net, never the wake-up path
 _SPIN_S = 20e-6  # spin this long (locked re-checks) before parking
 _MIN_RING = 64 * 1024
 _MAX_RING = 64 * 1024 * 1024
+_PER_MSG = 512  # ring bytes per message of capacity (see _inline_limit)
 _BLOB_MIN = 1 << 20
 
 
 def _ring_size_for(capacity: int) -> int:
-    size = max(_MIN_RING, min(_MAX_RING, capacity * 128))
+    size = max(_MIN_RING, min(_MAX_RING, capacity * _PER_MSG))
     return (size + 7) & ~7
+
+
+def _inline_limit(ring: int, capacity: int) -> int:
+    """Largest payload kept in the ring.  Invariant: ``capacity`` records of
+    this size plus one end-of-ring PAD always fit, so a buffered channel
+    accepts ``capacity`` messages whatever their sizes (bigger ones travel
+    out of band, their ring record is a small descriptor)."""
+    per = ring // 4 if capacity == 0 else min(ring // 4, ring // (capacity + 1))
+    return min(per & ~7, 64 * 1024) - REC
 
 
 def _next_pow2(n: int) -> int:
@@ -110,7 +120,7 @@ class Channel:
         self._name = seg.name
         self._cap = int(seg.core.capacity())
         ring = int(seg.core.ring_size())
-        self._inline = min(ring // 4, 64 * 1024) - REC
+        self._inline = _inline_limit(ring, self._cap)
 
     @classmethod
     def _from_segment(cls, seg: _shm.Segment) -> Channel:
@@ -205,7 +215,9 @@ class Channel:
         if slot >= 0:
             name = f"{self._name}-b{slot}-{gen}"
             try:
-                mm = self._blob_map(slot, gen, total if ssize < total else None, old)
+                # ssize 0: a fresh slot whose file the caller must create
+                create = max(total, 1) if ssize == 0 or ssize < total else None
+                mm = self._blob_map(slot, gen, create, old)
             except BaseException:
                 core.blob_release(slot, True)
                 raise
@@ -419,6 +431,10 @@ class Channel:
         tag, payload, blob = self._encode(value)
         op = 0 if self._cap else OP_NEED_RECEIVER
         st, _t, wakes = self._core.send(payload, tag, 0, blob, op, 0)
+        if st == NOSPACE and not tag & TAG_BLOB:
+            # capacity left but not ring bytes: the value goes out of band
+            tag, payload, blob = self._to_blob(tag, payload, [])
+            st, _t, wakes = self._core.send(payload, tag, 0, blob, op, 0)
         if wakes:
             self._wake(wakes)
         if st == OK:
@@ -485,21 +501,22 @@ class Channel:
                         encoded[i] = self._to_blob(tag, payload, [])
                         continue
                 if st in (FULL, NOSPACE):
-                    self._wait_space(deadline, timeout, ctx)
+                    self._wait_space(deadline, timeout, ctx, st == NOSPACE)
         except BaseException:
             for tag, payload, blob in encoded[i:]:
                 self._release_unsent(tag, payload, blob)
             raise
 
     def _wait_space(
-        self, deadline: float | None, timeout: float | None, ctx: Context | None
+        self, deadline: float | None, timeout: float | None, ctx: Context | None, nospace: bool
     ) -> None:
         core = self._core
         w = current_waiter()
         core.register(w.key, W_SEND, 0, 0)
         try:
-            count = core.length()
-            if self._cap and count < self._cap:
+            # NOSPACE (a record larger than the free ring bytes): wait for a
+            # receive even though the message count is below capacity
+            if not nospace and core.length() < self._cap:
                 return
             _park(w, (core,), deadline, timeout, ctx, W_SEND)
         finally:

@@ -25,7 +25,16 @@ import random
 from typing import Any
 
 from . import _core
-from ._channel import _SLICE, CLOSED, NOBLOB, OK, OP_NEED_RECEIVER, OP_SELECT, Channel
+from ._channel import (
+    _SLICE,
+    CLOSED,
+    NOBLOB,
+    OK,
+    OP_NEED_RECEIVER,
+    OP_SELECT,
+    TAG_BLOB,
+    Channel,
+)
 from ._clock import deadline_after, remaining
 from ._errors import ChannelClosed
 from ._wake import current_waiter
@@ -114,6 +123,10 @@ def _try(case: _Case, token: int) -> tuple[bool, Any, bool]:
         assert case.ch is not None
         op = OP_NEED_RECEIVER if case.ch.capacity == 0 else 0
         st, _t, wakes = case.core.send(case.payload, case.tag, token, case.blob, op, 0)
+        if st == _core.NOSPACE and not case.tag & TAG_BLOB:
+            # capacity left but not ring bytes: send out of band (as Channel.send)
+            case.tag, case.payload, case.blob = case.ch._to_blob(case.tag, case.payload, [])
+            st, _t, wakes = case.core.send(case.payload, case.tag, token, case.blob, op, 0)
         if wakes:
             case.ch._wake(wakes)
         if st == OK:

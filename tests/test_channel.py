@@ -32,7 +32,7 @@ from mpchan import (
 from mpchan._compat import SHM_DIR
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "chan_scripts"))
-import chan_workers as cw  # noqa: E402
+import chan_workers as cw
 
 METHODS = ["spawn", "forkserver", "fork"]
 
@@ -347,36 +347,34 @@ def test_threads_and_processes_together(procs: Callable[[str], Procs]) -> None:
 # ---------------------------------------------------------------- sizes
 
 
-def _wrap_sizes(ring: int) -> list[int]:
-    """Payload sizes (bytes values travel raw) whose records end exactly at
-    the ring's end, leave exactly one record header, leave less than a header
-    (implicit gap), leave a PAD; plus out-of-band sizes and one larger than
-    the whole ring."""
+def _wrap_spans(ring: int, inline: int) -> list[int]:
+    """Record spans (header + payload, 8-aligned) of in-ring records that end
+    exactly at the ring's end, leave exactly one record header there, leave
+    less than a header (the implicit gap), and leave room for a PAD record."""
     rec = _core.REC_SIZE
-    inline = min(ring // 4, 64 * 1024) - rec  # Channel._inline
-    sizes = [
-        ring // 8 - rec,  # 8 records fill the ring exactly
-        ring // 4 - rec,  # 4 records: the largest inline size
-        (ring - rec) // 4 // 8 * 8 - rec,  # 4 records leave exactly one header
-        (ring // 10) // 8 * 8 - rec,  # 10 records leave less than a header
-        10_000 - rec,  # a PAD record at the end
-        0,
-        1,
-        7,
-        9,
-        inline + 1,  # out of band
-        ring + 1,  # larger than the ring
-        3 * ring,
-    ]
-    for s in sizes[:4]:
-        assert s <= inline
+    limit = (inline + rec) // 8 * 8
+    cands = range(limit, rec, -8)
+    exact = next(s for s in cands if ring % s == 0)
+    one_header = next(s for s in cands if ring % s == rec)
+    gap = next(s for s in cands if 0 < ring % s < rec)
+    pad = next(s for s in cands if ring % s > rec)
+    return [exact, one_header, gap, pad]
+
+
+def _wrap_sizes(ch: Channel) -> list[int]:
+    """Payload sizes (bytes values travel raw) for the spans above, small
+    ones, out-of-band ones and two larger than the whole ring."""
+    ring, inline = ch._core.ring_size(), ch._inline
+    spans = _wrap_spans(ring, inline)
+    sizes = [s - _core.REC_SIZE for s in spans] + [0, 1, 7, 9, inline + 1, ring + 1, 3 * ring]
+    assert all(s <= inline for s in sizes[:4])
     return sizes
 
 
 @pytest.mark.parametrize("capacity", [0, 1, 2, 7, 64])
 def test_capacity_sweep_wraparound(capacity: int, procs: Callable[[str], Procs]) -> None:
     ch = Channel(capacity)
-    sizes = _wrap_sizes(ch._core.ring_size())
+    sizes = _wrap_sizes(ch)
     rounds = 3 if capacity else 2
     ps = procs("fork")
     ps.start(cw.wrap_sender, ch, sizes, rounds)
@@ -394,7 +392,7 @@ def test_wraparound_exact_single_process(capacity: int) -> None:
     ch = Channel(capacity)
     ring = ch._core.ring_size()
     rec = _core.REC_SIZE
-    for span in (ring // 8, ring // 4, (ring - rec) // 4 // 8 * 8, (ring // 10) // 8 * 8, 10_000):
+    for span in _wrap_spans(ring, ch._inline):
         size = span - rec
         keep = min(capacity - 1, 3, ring // span - 1)
         seq = 0

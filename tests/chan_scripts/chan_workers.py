@@ -6,6 +6,7 @@ forkserver children import only this and mpchan, not pytest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -76,10 +77,8 @@ def channel_of_channels_worker(control: Channel) -> None:
 
 def blocked_recv(ch: Channel) -> None:
     """Block in recv until a value or the end arrives (CPU test)."""
-    try:
+    with contextlib.suppress(EndOfChannel):
         ch.recv(timeout=60)
-    except EndOfChannel:
-        pass
 
 
 def wrap_sender(ch: Channel, sizes: list[int], rounds: int) -> None:
