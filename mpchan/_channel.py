@@ -29,6 +29,7 @@ import secrets
 import struct
 from collections.abc import Iterable, Iterator
 from time import perf_counter
+from time import sleep as _sleep
 from typing import TYPE_CHECKING, Any
 
 from . import _core, _shm
@@ -68,6 +69,8 @@ _MIN_RING = 64 * 1024
 _MAX_RING = 64 * 1024 * 1024
 _PER_MSG = 512  # ring bytes per message of capacity (see _inline_limit)
 _BLOB_MIN = 1 << 20
+_SLOT_WAIT_S = 0.05  # longest wait for a payload slot being copied out
+_SLOT_POLL_S = 50e-6
 
 
 def _ring_size_for(capacity: int) -> int:
@@ -84,8 +87,12 @@ def _inline_limit(ring: int, capacity: int) -> int:
     return min(per & ~7, 64 * 1024) - REC
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def _slot_size(n: int) -> int:
+    """Size of a new payload slot for ``n`` bytes: 1/8 headroom, rounded up to
+    1 MiB.  Not a power of two: every byte of a fresh slot is paid for twice
+    (pages allocated and zeroed by the sender, mapped by each receiver)."""
+    n += n >> 3
+    return max(_BLOB_MIN, (n + _BLOB_MIN - 1) // _BLOB_MIN * _BLOB_MIN)
 
 
 class Channel:
@@ -210,7 +217,15 @@ class Channel:
         dlen = len(data) if not isinstance(data, memoryview) else data.nbytes
         total = dlen + sum(r.nbytes for r in raws)
         core = self._core
-        slot, gen, ssize, old = core.blob_acquire(total)
+        slot, gen, ssize, old = core.blob_acquire(total, True)
+        if slot == -2:
+            # a receiver is copying out of a slot that fits: reusing it in a
+            # moment is far cheaper than a fresh slot (whose pages must be
+            # allocated, zeroed and mapped on both sides)
+            end = perf_counter() + _SLOT_WAIT_S
+            while slot == -2:
+                _sleep(_SLOT_POLL_S)
+                slot, gen, ssize, old = core.blob_acquire(total, perf_counter() < end)
         eph = b"0" * 16
         if slot >= 0:
             name = f"{self._name}-b{slot}-{gen}"
@@ -253,7 +268,7 @@ class Channel:
                     with contextlib.suppress(BufferError):
                         mm_old.close()
                 _shm.unlink_quietly(stale)
-            size = max(_BLOB_MIN, _next_pow2(create_size))
+            size = _slot_size(create_size)
             mm = _shm.map_file(name, size, create=True)
             self._core.blob_set(slot, size)
             maps[name] = mm

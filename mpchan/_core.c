@@ -1124,13 +1124,21 @@ static PyObject *Chan_transit(ChanObject *c, PyObject *arg) {
 
 /* ---------------------------------------------------------------- blobs */
 
-/* blob_acquire(size) -> (slot, gen, slot_size, old_gen)
- * slot -1: no slot, use a one-off segment.  old_gen != 0: the caller must
+/* blob_acquire(size, may_wait) -> (slot, gen, slot_size, old_gen)
+ * slot -1: no slot, use a one-off segment.  slot -2 (only with may_wait):
+ * nothing free fits, but a slot that fits is being copied out by a live
+ * receiver right now -- it will be free in a moment, far sooner than a new
+ * one could be made; the caller retries.  slot_size 0: the caller must
  * (re)create the segment of generation `gen` with at least `size` bytes,
- * unlink generation old_gen if it is not 0xFFFFFFFF..., and call blob_set. */
-static PyObject *Chan_blob_acquire(ChanObject *c, PyObject *arg) {
+ * unlink generation old_gen if it is not 0, and call blob_set. */
+static PyObject *Chan_blob_acquire(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    unsigned long long size = PyLong_AsUnsignedLongLong(arg);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "blob_acquire(size, may_wait)");
+        return NULL;
+    }
+    unsigned long long size = PyLong_AsUnsignedLongLong(args[0]);
+    int may_wait = PyObject_IsTrue(args[1]);
     if (PyErr_Occurred()) return NULL;
     uint32_t me = (uint32_t)getpid();
     int slot = -1;
@@ -1154,8 +1162,17 @@ static PyObject *Chan_blob_acquire(ChanObject *c, PyObject *arg) {
             empty = i;
         }
     }
+    int copying = -1;
+    if (best < 0 && may_wait) {
+        for (int i = 0; i < MAXB; i++) {
+            blob_t *b = &h->blobs[i];
+            if (b->state == B_BUSY && b->owner && b->owner != me && b->size >= size) copying = i;
+        }
+    }
     if (best >= 0) {
         slot = best;
+    } else if (copying >= 0) {
+        slot = -2;
     } else if (empty >= 0 || largest >= 0) {
         slot = empty >= 0 ? empty : largest;
         blob_t *b = &h->blobs[slot];
@@ -1320,7 +1337,8 @@ static PyMethodDef Chan_methods[] = {
     {"detach", (PyCFunction)Chan_detach, METH_O, "Uncount a holder; live holders left."},
     {"live_holders", (PyCFunction)Chan_live_holders, METH_NOARGS, "Live holders."},
     {"transit", (PyCFunction)Chan_transit, METH_O, "Adjust pickled-handle count."},
-    {"blob_acquire", (PyCFunction)Chan_blob_acquire, METH_O, "Reserve a blob slot."},
+    {"blob_acquire", (PyCFunction)(void (*)(void))Chan_blob_acquire, METH_FASTCALL,
+     "Reserve a blob slot."},
     {"blob_set", (PyCFunction)(void (*)(void))Chan_blob_set, METH_FASTCALL, "Set slot size."},
     {"blob_release", (PyCFunction)(void (*)(void))Chan_blob_release, METH_FASTCALL,
      "Free a slot."},
