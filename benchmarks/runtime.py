@@ -460,9 +460,6 @@ if __name__ == "__main__":
 }
 
 
-QUICK_KILL = ("mpchan", "ProcessPoolExecutor")
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -479,8 +476,6 @@ def _kill_run(name: str, what: str) -> Callable[[Mapping[str, Any]], float]:
     """SIGKILL a program holding 2 busy workers; count what is left."""
 
     def run(params: Mapping[str, Any]) -> float:
-        if params.get("quick") and name not in QUICK_KILL:
-            raise Skip("measured in full runs only (a program start-up each)")
         before = _shm_files()
         proc = subprocess.Popen(
             [sys.executable, "-c", KILL_COMMON + KILL_PROGRAMS[name]],
