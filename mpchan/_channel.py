@@ -9,6 +9,11 @@ Data flow of one message::
              reusable payload slot)
     wake keys returned by C ----- one datagram per parked waiter ---> poll() returns
 
+Payloads that do not fit in the ring go to per-channel payload slot files
+(reused; a new one is sized to its message plus 1/8).  A sender that finds
+no free slot that fits, while a receiver is copying out of one, waits for
+that one (at most ``_SLOT_WAIT_S``): making a slot costs far more than a copy.
+
 A blocked call registers this thread's waiter key in the segment *in the
 same locked step* that found the channel full/empty, so no wake-up is lost;
 then it polls its wake socket (no CPU used) in slices of at most
@@ -65,6 +70,33 @@ _LEN = struct.Struct("<Q")
 
 _SLICE = 0.25  # longest single park: a safety net, never the wake-up path
 _SPIN_S = 20e-6  # spin this long (locked re-checks) before parking
+# Adaptive spinning: spinning pays only while the other side runs at the same
+# time (an idle machine: a round trip then never parks).  On a loaded machine
+# a spin just steals the CPU the other side needs, so each process keeps a
+# credit: a spin that ended in success earns one, a failed one costs one; at
+# zero it parks at once and probes again every _SPIN_PROBE parks.  Racy by
+# design (a heuristic; any value is safe).
+_SPIN_MAX = 16
+_SPIN_PROBE = 64
+_spin = [_SPIN_MAX, 0]  # [credit, parks since the credit ran out]
+
+
+def _spin_allowed() -> bool:
+    if _spin[0] > 0:
+        return True
+    _spin[1] += 1
+    if _spin[1] >= _SPIN_PROBE:
+        _spin[1] = 0
+        _spin[0] = 1
+        return True
+    return False
+
+
+def _spin_result(ok: bool) -> None:
+    c = _spin[0] + (1 if ok else -1)
+    _spin[0] = _SPIN_MAX if c > _SPIN_MAX else c
+
+
 _MIN_RING = 64 * 1024
 _MAX_RING = 64 * 1024 * 1024
 _PER_MSG = 512  # ring bytes per message of capacity (see _inline_limit)
@@ -191,8 +223,15 @@ class Channel:
 
     def _wake(self, keys: tuple[int, ...]) -> None:
         dead = wake(keys)
-        for key in dead:  # a waiter that died while parked
-            self._core.unregister(key)
+        if dead:
+            # waiters that died while parked: drop them and pass the wake-up
+            # on to a live one (else it would find out only after a slice)
+            core = self._core
+            for key in dead:
+                core.unregister(key)
+            again = [*(core.wake_one(W_RECV) or ()), *(core.wake_one(W_SEND) or ())]
+            if again:
+                self._wake(tuple(again))
 
     # ------------------------------------------------------------ encoding
 
@@ -416,10 +455,13 @@ class Channel:
         """Unbuffered: wait until the staged record was taken, else withdraw it."""
         core = self._core
         try:
-            end = perf_counter() + _SPIN_S
-            while perf_counter() < end:
-                if core.consumed(ticket):
-                    return
+            if _spin_allowed():
+                end = perf_counter() + _SPIN_S
+                while perf_counter() < end:
+                    if core.consumed(ticket):
+                        _spin_result(True)
+                        return
+                _spin_result(False)
             # registered for this ticket by the send that staged it
             while not core.consumed(ticket):
                 if core.is_closed():
@@ -569,11 +611,12 @@ class Channel:
     def _recv_slow(self, timeout: float | None, ctx: Context | None) -> Any:
         core = self._core
         recv = core.recv
-        end = perf_counter() + _SPIN_S
-        while True:
-            st, data, tag, blob, wakes = recv(0, 0, 0)
-            if st != EMPTY or perf_counter() > end:
-                break
+        st, data, tag, blob, wakes = recv(0, 0, 0)
+        if st == EMPTY and _spin_allowed():
+            end = perf_counter() + _SPIN_S
+            while st == EMPTY and perf_counter() < end:
+                st, data, tag, blob, wakes = recv(0, 0, 0)
+            _spin_result(st != EMPTY)
         if st == EMPTY:
             w = current_waiter()
             deadline = _effective_deadline(timeout, ctx)

@@ -36,10 +36,20 @@ _ABSTRACT = sys.platform.startswith("linux")
 _sockdir: str | None = None
 
 
+_addresses: dict[int, str | bytes] = {}
+
+
 def _address(key: int) -> str | bytes:
-    if _ABSTRACT:
-        return b"\0mpchan-w-%016x" % key
-    return os.path.join(_socket_dir(), f"w-{key:016x}")
+    addr = _addresses.get(key)
+    if addr is None:
+        if len(_addresses) > 4096:  # bounded: keys of dead waiters pile up
+            _addresses.clear()
+        if _ABSTRACT:
+            addr = b"\0mpchan-w-%016x" % key
+        else:
+            addr = os.path.join(_socket_dir(), f"w-{key:016x}")
+        _addresses[key] = addr
+    return addr
 
 
 def _socket_dir() -> str:
