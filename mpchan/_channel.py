@@ -10,9 +10,10 @@ Data flow of one message::
     wake keys returned by C ----- one datagram per parked waiter ---> poll() returns
 
 Payloads that do not fit in the ring go to per-channel payload slot files
-(reused; a new one is sized to its message plus 1/8).  A sender that finds
-no free slot that fits, while a receiver is copying out of one, waits for
-that one (at most ``_SLOT_WAIT_S``): making a slot costs far more than a copy.
+(reused; a new one is sized to its message plus 1/64).  A sender that finds
+no free slot that fits, while a receiver is copying out of one (or is
+parked, about to take one), waits for that one (at most ``_SLOT_WAIT_S``):
+making a slot costs far more than a copy.
 
 A blocked call registers this thread's waiter key in the segment *in the
 same locked step* that found the channel full/empty, so no wake-up is lost;
@@ -101,6 +102,7 @@ _MIN_RING = 64 * 1024
 _MAX_RING = 64 * 1024 * 1024
 _PER_MSG = 512  # ring bytes per message of capacity (see _inline_limit)
 _BLOB_MIN = 1 << 20
+_SLOT_STEP = 64 * 1024
 _SLOT_WAIT_S = 0.05  # longest wait for a payload slot being copied out
 _SLOT_POLL_S = 50e-6
 
@@ -120,11 +122,12 @@ def _inline_limit(ring: int, capacity: int) -> int:
 
 
 def _slot_size(n: int) -> int:
-    """Size of a new payload slot for ``n`` bytes: 1/8 headroom, rounded up to
-    1 MiB.  Not a power of two: every byte of a fresh slot is paid for twice
-    (pages allocated and zeroed by the sender, mapped by each receiver)."""
-    n += n >> 3
-    return max(_BLOB_MIN, (n + _BLOB_MIN - 1) // _BLOB_MIN * _BLOB_MIN)
+    """Size of a new payload slot for ``n`` bytes: 1/64 headroom, rounded up
+    to 64 KiB, at least 1 MiB.  Tight on purpose: every byte of a fresh slot
+    is expensive (tmpfs pages allocated and zeroed by the sender -- about
+    1 GB/s here, far slower than memcpy -- and mapped by each receiver)."""
+    n += n >> 6
+    return max(_BLOB_MIN, (n + _SLOT_STEP - 1) // _SLOT_STEP * _SLOT_STEP)
 
 
 class Channel:

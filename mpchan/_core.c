@@ -1127,8 +1127,9 @@ static PyObject *Chan_transit(ChanObject *c, PyObject *arg) {
 /* blob_acquire(size, may_wait) -> (slot, gen, slot_size, old_gen)
  * slot -1: no slot, use a one-off segment.  slot -2 (only with may_wait):
  * nothing free fits, but a slot that fits is being copied out by a live
- * receiver right now -- it will be free in a moment, far sooner than a new
- * one could be made; the caller retries.  slot_size 0: the caller must
+ * receiver right now (or holds the message a parked receiver is about to
+ * take) -- it will be free in a moment, far sooner than a new one could be
+ * made; the caller retries.  slot_size 0: the caller must
  * (re)create the segment of generation `gen` with at least `size` bytes,
  * unlink generation old_gen if it is not 0, and call blob_set. */
 static PyObject *Chan_blob_acquire(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
@@ -1162,11 +1163,15 @@ static PyObject *Chan_blob_acquire(ChanObject *c, PyObject *const *args, Py_ssiz
             empty = i;
         }
     }
+    /* a fitting slot that a live receiver copies out of now, or whose
+     * message a parked receiver is about to take */
     int copying = -1;
     if (best < 0 && may_wait) {
+        int parked = free_receivers(h, 0) > 0;
         for (int i = 0; i < MAXB; i++) {
             blob_t *b = &h->blobs[i];
-            if (b->state == B_BUSY && b->owner && b->owner != me && b->size >= size) copying = i;
+            if (b->state != B_BUSY || b->size < size) continue;
+            if ((b->owner && b->owner != me) || (b->owner == 0 && parked)) copying = i;
         }
     }
     if (best >= 0) {
