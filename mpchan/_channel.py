@@ -34,6 +34,7 @@ import pickle
 import secrets
 import struct
 from collections.abc import Iterable, Iterator
+from os import sched_yield as _yield
 from time import perf_counter
 from time import sleep as _sleep
 from typing import TYPE_CHECKING, Any
@@ -70,10 +71,12 @@ _DESC = struct.Struct("<iQ16sQH")  # slot, gen, one-off id, pickle/raw length, n
 _LEN = struct.Struct("<Q")
 
 _SLICE = 0.25  # longest single park: a safety net, never the wake-up path
-_SPIN_S = 20e-6  # spin this long (locked re-checks) before parking
+_SPIN_S = 50e-6  # spin (yielding, locked re-checks) this long before parking
 # Adaptive spinning: spinning pays only while the other side runs at the same
-# time (an idle machine: a round trip then never parks).  On a loaded machine
-# a spin just steals the CPU the other side needs, so each process keeps a
+# time (an idle machine: a round trip then never parks).  Each re-check
+# yields the CPU (sched_yield), so on a loaded machine the spin hands its
+# core to whoever is runnable -- often the very peer it waits for -- instead
+# of stealing it.  Where spins still fail, they only cost: each process keeps a
 # credit: a spin that ended in success earns one, a failed one costs one; at
 # zero it parks at once and probes again every _SPIN_PROBE parks.  Racy by
 # design (a heuristic; any value is safe).
@@ -464,6 +467,7 @@ class Channel:
                     if core.consumed(ticket):
                         _spin_result(True)
                         return
+                    _yield()
                 _spin_result(False)
             # registered for this ticket by the send that staged it
             while not core.consumed(ticket):
@@ -618,6 +622,7 @@ class Channel:
         if st == EMPTY and _spin_allowed():
             end = perf_counter() + _SPIN_S
             while st == EMPTY and perf_counter() < end:
+                _yield()
                 st, data, tag, blob, wakes = recv(0, 0, 0)
             _spin_result(st != EMPTY)
         if st == EMPTY:
