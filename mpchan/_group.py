@@ -27,6 +27,7 @@ goroutine), never while ``_lock`` is held.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -194,18 +195,25 @@ class Group:
         # The goroutine ended (the supervisor's thread, or the caller's when
         # it had ended already): decode its outcome, free the slot, then
         # complete the Future.
-        exc = handle.exception()
+        value: Any = None
+        try:
+            exc = handle.exception()
+            if exc is None:
+                value = handle.result()
+        except BaseException as e:  # never leave the group waiting on this one
+            exc = e
         if exc is not None:
             with self._lock:
                 self._errors.append(exc)
                 first = len(self._errors) == 1
             if first:
-                self._cancel(exc)
+                with contextlib.suppress(Exception):
+                    self._cancel(exc)
         self._end()
         if exc is not None:
             future.set_exception(exc)
         else:
-            future.set_result(handle.result())
+            future.set_result(value)
 
     def _end(self) -> None:
         if self._slots is not None:
