@@ -356,6 +356,19 @@ def test_cancelled_send_enqueues_nothing(capacity: int) -> None:
     assert ch.stats()["sent"] == capacity
 
 
+def test_batch_calls_take_ctx() -> None:
+    ch = mpchan.Channel(2)
+    ctx, cancel = mpchan.with_cancel(bg())
+    t, out = start_thread(lambda: ch.recv_many(10, ctx=ctx))
+    wait_blocked(ch, receivers=1)
+    cancel()
+    t.join(5)
+    assert isinstance(out[0], mpchan.Cancelled)
+    with pytest.raises(mpchan.Cancelled):
+        ch.send_many([1, 2, 3], ctx=ctx)
+    assert len(ch) == 0  # nothing half done
+
+
 def test_waitgroup_wait_takes_ctx() -> None:
     wg = mpchan.WaitGroup()
     wg.add(1)
