@@ -4,17 +4,17 @@ Data flow::
 
     submit/map (caller threads)                        pool workers (processes)
     ---------------------------                        ------------------------
-    pickle the call here --+                          +--> pool_worker_loop (_poolworker)
-                           v                          |      recv_many -> run -> send reply
-    _pending (deque) --> _assign: slot.queue += task  |          |   (one reply per task,
-        ^                 send to slot.ch ------------+          |    before the next task)
-        |                 (a channel per worker)                 v
-        |                                             results (one channel, shared)
-        | refill slot                                            |
+    pickle the call here                              +--> pool_worker_loop (_poolworker)
+      | quiet pool: _assign to an idle worker now ----+      recv_many -> run -> send reply
+      v busy pool: append (no lock)                   |          |   (one reply per task,
+    _pending (deque) --> _fill: slot.queue += tasks,  |          |    before the next task)
+        ^                send_many to slot.ch --------+          v
+        |                (a channel per worker)       results (one channel, shared)
+        | refill below the low-water mark                        |
         +------------ collector thread <-------------------------+
                       ("mpchan-pool-collector"): recv_many, pop slot.queue head,
-                      complete the Future, refill; worker deaths (supervisor
-                      callback -> _events + wake), task timeouts, drain.
+                      complete the Future, refill in batches; worker deaths
+                      (supervisor callback -> _events + wake), task timeouts, drain.
 
 Each worker is a supervised process (``_supervisor``: death watch, signals)
 running :func:`pool_worker_loop` as one long task; when it ends, the
@@ -25,8 +25,13 @@ Invariants:
       and not answered; the worker runs them in that order and answers each
       before starting the next, so ``slot.queue[0]`` is the one it is
       running (when it is ready and not retiring).
-    * A slot's channel never holds more than ``_DEPTH_MAX`` messages (the
-      channel's capacity), so sending to it never blocks.
+    * ``len(slot.queue) <= _depth <= _DEPTH_MAX <= _TASK_CAPACITY`` (the
+      capacity of the slot's channel), so sending to it never blocks.
+    * ``_pending`` is FIFO; a submitter appends to it without ``_lock``
+      (deque.append is atomic) after checking the pool is open; whoever
+      empties it pops item by item (``_take_all``), so a racing append is
+      either taken or still queued, and the collector fails what is left
+      once no worker can run it.
     * Every task's Future is completed exactly once, by whoever removes the
       task from ``_pending`` or a ``slot.queue`` under ``_lock``.
     * The dead worker's replies are all read before its death is handled:
@@ -193,6 +198,7 @@ class Pool(Executor):
         self._broken: BaseException | None = None
         self._init_crashes = 0
         self._ema = 0.0  # seconds per task (exponential average)
+        self._costs: dict[Any, float] = {}  # fn -> seconds per call, learnt by map
         self._depth = 1  # tasks queued per worker; grows once tasks prove short
         self._submitted = 0
         self._counts = {"completed": 0, "crashed": 0, "timed_out": 0, "retried": 0}
@@ -328,8 +334,7 @@ class Pool(Executor):
             self._closed = True
             self._stopping = True
             if cancel_futures:
-                cancelled = list(self._pending)
-                self._pending.clear()
+                cancelled = _take_all(self._pending)
         for task in cancelled:
             task.future.cancel()
         self._wake()
@@ -765,7 +770,8 @@ class Pool(Executor):
                 tasks.insert(0, crashed)
                 crashed = None
             self._pending.extendleft(reversed(tasks))
-            replace = not self._stopping and self._broken is None
+            # While stopping, a worker is still replaced if queued work needs it.
+            replace = self._broken is None and (not self._stopping or bool(self._pending))
         if crashed is not None:
             if slot.timed_out == crashed.tid:
                 self._counts["timed_out"] += 1
@@ -819,12 +825,23 @@ class Pool(Executor):
         # no worker is left.
         with self._lock:
             if self._pending:
-                return False
+                if self._slots and self._broken is None:
+                    return False  # the workers still have work
+                # Nobody will run these (a submit raced with the end): fail them.
+                stranded = _take_all(self._pending)
+            else:
+                stranded = []
             for s in self._slots.values():
                 if not s.queue and not s.ch.closed:
                     s.retiring = True
                     s.ch.close()
-            return not self._slots
+            done = not self._slots
+        for task in stranded:
+            with contextlib.suppress(InvalidStateError):
+                task.future.set_exception(
+                    copy_error(self._broken or ShutdownError("the pool shut down"))
+                )
+        return done
 
     def _break(self, exc: BaseException) -> None:
         with self._lock:
@@ -835,8 +852,7 @@ class Pool(Executor):
 
     def _fail_all(self, exc: BaseException, kill: bool = False) -> None:
         with self._lock:
-            tasks = list(self._pending)
-            self._pending.clear()
+            tasks = _take_all(self._pending)
             self._closed = True
             self._stopping = True
             slots = list(self._slots.values())
@@ -909,6 +925,17 @@ class Pool(Executor):
                     self._closed = True
                     self._stopping = True
                 self._wake()
+
+
+def _take_all(pending: deque[Task]) -> list[Task]:
+    # Empty a deque that submitters append to without the lock: popleft and
+    # append are each atomic, so a task appended meanwhile is either taken
+    # here or stays queued -- never lost, as list() + clear() could lose it.
+    taken = []
+    with contextlib.suppress(IndexError):
+        while True:
+            taken.append(pending.popleft())
+    return taken
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()

@@ -40,6 +40,7 @@ __all__ = ["MapRun"]
 _CHUNK_TARGET = 0.005  # seconds of calls per automatic chunk
 _CHUNK_MAX = 65536
 _WINDOW_PER_WORKER = 16  # default chunks in flight per worker
+_COSTS_MAX = 64  # functions whose time per call a pool remembers
 
 
 class MapRun:
@@ -74,10 +75,13 @@ class MapRun:
         self.cap = _CHUNK_MAX if total is None else max(1, math.ceil(total / (4 * workers)))
         self.buffersize = buffersize
         self.window = _WINDOW_PER_WORKER * workers
-        self.per_item: float | None = None
+        # What an earlier map of the same function measured, if any: a map
+        # called again and again (batches in a loop) need not probe again.
+        self.per_item: float | None = pool._costs.get(_key(fn))
         self.obs_secs = 0.0
         self.obs_items = 0.0
         self.probes = 0
+        self.waited = False
         self.inflight: deque[Task] = deque()
         self.items_inflight = 0
         self.exhausted = False
@@ -93,15 +97,26 @@ class MapRun:
         self.obs_items = 0.5 * self.obs_items + n
         self.per_item = self.obs_secs / max(self.obs_items, 1e-9)
 
+    def _remember(self) -> None:
+        key = _key(self.fn)
+        if key is None or self.per_item is None or self.chunksize is not None:
+            return
+        costs = self.pool._costs
+        if len(costs) >= _COSTS_MAX and key not in costs:
+            costs.pop(next(iter(costs)))  # the oldest
+        costs[key] = self.per_item
+
     def next_size(self) -> int:
         if self.chunksize is not None:
             size = self.chunksize
         elif self.per_item is None:
             size = 1  # probe: a long task must not take a big chunk with it
-            if self.probes >= self.pool.workers and self.inflight:
+            if self.probes >= self.pool.workers and self.inflight and not self.waited:
                 # Every worker has a probe: give the first one a few ms to
-                # answer. Tiny tasks answer, and get big chunks at once; a
-                # task that does not answer is long, and probes are right.
+                # answer (once). Tiny tasks answer, and get big chunks at
+                # once; a task that does not answer is long, and single
+                # items are right for it.
+                self.waited = True
                 with contextlib.suppress(Exception):
                     self.inflight[0].future.exception(_CHUNK_TARGET)
                 if self.per_item is not None:
@@ -159,6 +174,7 @@ class MapRun:
             for task in self.inflight:
                 task.future.cancel()
             self.inflight.clear()
+            self._remember()
             if self.bar is not None:
                 self.bar.close()
 
@@ -196,6 +212,16 @@ class _MapIterator(itertools.chain):  # type: ignore[type-arg]
     def close(self) -> None:
         """Stop: cancel what was not started. Never blocks."""
         self._chunks.close()
+
+
+def _key(fn: Any) -> Any:
+    # Functions by identity (kept alive by the pool's small table); None
+    # for what cannot be a key.
+    try:
+        hash(fn)
+    except TypeError:
+        return None
+    return fn
 
 
 def _put_task(q: queue.SimpleQueue[Task], task: Task, _fut: Future[Any]) -> None:
