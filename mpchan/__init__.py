@@ -59,45 +59,83 @@ _EXPORTS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
-    from ._channel import Channel
-    from ._context import (
-        CancelFunc,
-        Context,
-        background,
-        with_cancel,
-        with_deadline,
-        with_timeout,
-        with_value,
-    )
-    from ._errors import (
-        Cancelled,
-        ChannelClosed,
-        DeadlineExceeded,
-        DeadlockError,
-        EndOfChannel,
-        MpchanError,
-        RemoteError,
-        SerializationError,
-        ShutdownError,
-        TaskTimeout,
-        WorkerCrashed,
-        WouldBlock,
-    )
+    from ._channel import Channel as Channel
+    from ._context import CancelFunc as CancelFunc
+    from ._context import Context as Context
+    from ._context import background as background
+    from ._context import with_cancel as with_cancel
+    from ._context import with_deadline as with_deadline
+    from ._context import with_timeout as with_timeout
+    from ._context import with_value as with_value
+    from ._errors import Cancelled as Cancelled
+    from ._errors import ChannelClosed as ChannelClosed
+    from ._errors import DeadlineExceeded as DeadlineExceeded
+    from ._errors import DeadlockError as DeadlockError
+    from ._errors import EndOfChannel as EndOfChannel
+    from ._errors import MpchanError as MpchanError
+    from ._errors import RemoteError as RemoteError
+    from ._errors import SerializationError as SerializationError
+    from ._errors import ShutdownError as ShutdownError
+    from ._errors import TaskTimeout as TaskTimeout
+    from ._errors import WorkerCrashed as WorkerCrashed
+    from ._errors import WouldBlock as WouldBlock
     from ._fan import fan_out as fan_out
     from ._fan import merge as merge
     from ._fan import tee as tee
-    from ._go import GoHandle, go
-    from ._pool import Pool
-    from ._group import Group
+    from ._go import GoHandle as GoHandle
+    from ._go import go as go
+    from ._group import Group as Group
     from ._main import main as main
-    from ._select import select
+    from ._pool import Pool as Pool
+    from ._select import select as select
     from ._stream import Stream as Stream
     from ._stream import stream as stream
-    from ._supervisor import Supervisor
-    from ._sync import WaitGroup
-    from ._timer import Timer, after, tick
+    from ._supervisor import Supervisor as Supervisor
+    from ._sync import WaitGroup as WaitGroup
+    from ._timer import Timer as Timer
+    from ._timer import after as after
+    from ._timer import tick as tick
 
-__all__ = sorted([*_EXPORTS, "__version__", "shutdown"])
+__all__ = [
+    "CancelFunc",
+    "Cancelled",
+    "Channel",
+    "ChannelClosed",
+    "Context",
+    "DeadlineExceeded",
+    "DeadlockError",
+    "EndOfChannel",
+    "GoHandle",
+    "Group",
+    "MpchanError",
+    "Pool",
+    "RemoteError",
+    "SerializationError",
+    "ShutdownError",
+    "Stream",
+    "Supervisor",
+    "TaskTimeout",
+    "Timer",
+    "WaitGroup",
+    "WorkerCrashed",
+    "WouldBlock",
+    "__version__",
+    "after",
+    "background",
+    "fan_out",
+    "go",
+    "main",
+    "merge",
+    "select",
+    "shutdown",
+    "stream",
+    "tee",
+    "tick",
+    "with_cancel",
+    "with_deadline",
+    "with_timeout",
+    "with_value",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -46,6 +46,8 @@
 #define _GNU_SOURCE
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -152,10 +154,24 @@ typedef struct {
     size_t size;
 } ChanObject;
 
+/* A zombie (dead, not yet reaped -- common where pid 1 does not reap
+ * orphans) holds nothing: it counts as dead. */
 static int pid_alive(uint32_t pid) {
     if (pid == 0) return 0;
-    if (kill((pid_t)pid, 0) == 0) return 1;
-    return errno != ESRCH;
+    if (kill((pid_t)pid, 0) != 0) return errno != ESRCH;
+#ifdef __linux__
+    char path[48], buf[256];
+    snprintf(path, sizeof path, "/proc/%u/stat", (unsigned)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 1;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X')) return 0;
+#endif
+    return 1;
 }
 
 /* ---------------------------------------------------------------- ring walk */

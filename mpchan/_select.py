@@ -22,7 +22,7 @@ that sends and receives on one unbuffered channel never pairs with itself.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from ._channel import (
@@ -38,6 +38,9 @@ from ._channel import (
 from ._clock import deadline_after, remaining
 from ._errors import ChannelClosed
 from ._wake import current_waiter
+
+if TYPE_CHECKING:
+    from ._context import Context
 
 __all__ = ["select"]
 
@@ -79,7 +82,10 @@ def _parse(cases: tuple[Any, ...]) -> list[_Case]:
 
 
 def select(
-    *cases: Any, timeout: float | None = None, default: bool = False
+    *cases: Any,
+    timeout: float | None = None,
+    default: bool = False,
+    ctx: Context | None = None,
 ) -> tuple[int, Any, bool]:
     """Wait until one of ``cases`` can proceed and perform it.
 
@@ -91,15 +97,26 @@ def select(
 
     Blocks: until a case fires; with ``default=True`` never (returns
     ``(-1, None, False)`` when nothing is ready).
-    Cancellation: ``timeout`` raises TimeoutError; exactly one case fired
-    or none did -- a value prepared for a send case that did not fire was
-    withdrawn.  A send case on a closed channel raises ChannelClosed.
+    Cancellation: ``timeout`` raises TimeoutError and a cancelled ``ctx``
+    raises Cancelled (at once if it is already done); then no case fired --
+    a value prepared for a send case that did not fire was withdrawn.
+    Otherwise exactly one case fired.  A send case on a closed channel
+    raises ChannelClosed.
     Process safety: any thread of any process; no registration outlives
     the call.
     """
+    if ctx is not None:
+        ctx.check()
     parsed = _parse(cases)
+    if ctx is not None:
+        # the context is one more (hidden) case: when it fires, raise
+        parsed.append(_Case(_OTHER, ctx.done()))
     try:
-        return _select(parsed, timeout, default)
+        index, value, ok = _select(parsed, timeout, default)
+        if ctx is not None and index == len(cases):
+            ctx.check()
+            raise AssertionError("unreachable: a done context raises")  # pragma: no cover
+        return index, value, ok
     finally:
         for c in parsed:
             if c.kind == _SEND and c.ticket != -1 and c.ch is not None:

@@ -284,9 +284,10 @@ def _at_exit() -> None:
                 if entry.startswith(prefix):
                     unlink_quietly(entry)
     if _reaper is not None and _reaper.poll() is None:
+        # Not waited for: it finishes by itself (it sees this process end),
+        # and a program's exit must not wait on its clean-up pass.
         with contextlib.suppress(Exception):
             _reaper.terminate()
-            _reaper.wait(timeout=2)
 
 
 atexit.register(_at_exit)
