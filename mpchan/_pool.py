@@ -111,6 +111,7 @@ _TASK_CAPACITY = 4096
 _RESULTS_CAPACITY = 4096
 _TICK = 0.05  # longest collector wait when timeouts or drains need watching
 _QUEUE_TARGET = 0.01  # seconds of work to keep queued at each worker (> a GIL switch)
+_QUEUE_BYTES = 256 * 1024  # most bytes of tasks queued at one worker (ring: 512 KiB)
 _MAX_INIT_CRASHES = 3  # workers dying before ready, in a row, before the pool breaks
 
 _loads = pickle.loads
@@ -193,6 +194,7 @@ class Pool(Executor):
         self._closed = False  # no more submits (shutdown, drain, cancel, broken)
         self._stopping = False  # workers are told to leave once nothing is left
         self._drained = False  # closed by a drain: a running map ends quietly
+        self._deferred = False  # a refill did not fit: retry soon
         self._parked = False  # the collector waits for replies (submit must wake it)
         self._woken = False  # a wake-up is on its way to the collector
         self._broken: BaseException | None = None
@@ -508,22 +510,45 @@ class Pool(Executor):
         return True
 
     def _fill(self, slot: Slot) -> None:
-        # Caller holds _lock. One send_many (one wake-up) per call.
+        # Caller holds _lock. One send_many (one wake-up) per call, and never
+        # a blocking one: the collector must always go back to reading
+        # replies, or a worker blocked on a full result channel and this
+        # thread blocked on that worker's full task channel would wait for
+        # each other. What does not fit now goes back to _pending.
         pending = self._pending
         if not pending or slot.retiring:
             return
         room = self._depth - len(slot.queue)
         if self._max_tasks is not None:
             room = min(room, self._max_tasks - slot.assigned)
-        msgs = []
+        queued = sum(len(t.msg) for t in slot.queue) if slot.queue else 0
+        msgs: list[bytes] = []
+        claimed: list[Task] = []
         while room > 0 and pending:
+            if queued and queued + len(pending[0].msg) > _QUEUE_BYTES:
+                break  # the ring of the worker's channel stays far from full
             task = pending.popleft()
             if self._claim(slot, task):
                 msgs.append(task.msg)
+                claimed.append(task)
+                queued += len(task.msg)
                 room -= 1
-        if msgs:
-            # Never blocks: fewer than _DEPTH_MAX messages are queued (Invariants).
-            slot.ch.send_many(msgs)
+        if not msgs:
+            return
+        ch = slot.ch
+        before = ch.stats()["sent"]
+        try:
+            ch.send_many(msgs, timeout=0)
+        except (TimeoutError, ChannelClosed):
+            # Only this thread sends to the channel now (we hold _lock), so
+            # the counter tells how many went; take the others back.
+            sent = ch.stats()["sent"] - before
+            unsent = claimed[sent:]
+            for _ in unsent:
+                slot.queue.pop()
+            slot.assigned -= len(unsent)
+            pending.extendleft(reversed(unsent))
+            self._deferred = True
 
     def _has_room(self) -> bool:
         # Caller holds _lock.
@@ -620,6 +645,9 @@ class Pool(Executor):
         try:
             while True:
                 timeout = _TICK if (self._task_timeout or self._stopping) else 1.0
+                if self._deferred:
+                    self._deferred = False
+                    timeout = 0.001
                 self._dispatch()
                 with self._lock:
                     # Submitters wake this thread only when it could hand their
