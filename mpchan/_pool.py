@@ -200,7 +200,6 @@ class Pool(Executor):
         self._broken: BaseException | None = None
         self._init_crashes = 0
         self._ema = 0.0  # seconds per task (exponential average)
-        self._costs: dict[Any, float] = {}  # fn -> seconds per call, learnt by map
         self._depth = 1  # tasks queued per worker; grows once tasks prove short
         self._submitted = 0
         self._counts = {"completed": 0, "crashed": 0, "timed_out": 0, "retried": 0}
@@ -521,6 +520,9 @@ class Pool(Executor):
         room = self._depth - len(slot.queue)
         if self._max_tasks is not None:
             room = min(room, self._max_tasks - slot.assigned)
+        # A fair share of what waits: one worker must not take every queued
+        # task while another has room (tasks may be long: few and big).
+        room = min(room, -(-len(pending) // max(1, len(self._slots))))
         queued = sum(len(t.msg) for t in slot.queue) if slot.queue else 0
         msgs: list[bytes] = []
         claimed: list[Task] = []

@@ -40,7 +40,6 @@ __all__ = ["MapRun"]
 _CHUNK_TARGET = 0.005  # seconds of calls per automatic chunk
 _CHUNK_MAX = 65536
 _WINDOW_PER_WORKER = 16  # default chunks in flight per worker
-_COSTS_MAX = 64  # functions whose time per call a pool remembers
 
 
 class MapRun:
@@ -75,9 +74,7 @@ class MapRun:
         self.cap = _CHUNK_MAX if total is None else max(1, math.ceil(total / (4 * workers)))
         self.buffersize = buffersize
         self.window = _WINDOW_PER_WORKER * workers
-        # What an earlier map of the same function measured, if any: a map
-        # called again and again (batches in a loop) need not probe again.
-        self.per_item: float | None = pool._costs.get(_key(fn))
+        self.per_item: float | None = None
         self.obs_secs = 0.0
         self.obs_items = 0.0
         self.probes = 0
@@ -96,15 +93,6 @@ class MapRun:
         self.obs_secs = 0.5 * self.obs_secs + secs
         self.obs_items = 0.5 * self.obs_items + n
         self.per_item = self.obs_secs / max(self.obs_items, 1e-9)
-
-    def _remember(self) -> None:
-        key = _key(self.fn)
-        if key is None or self.per_item is None or self.chunksize is not None:
-            return
-        costs = self.pool._costs
-        if len(costs) >= _COSTS_MAX and key not in costs:
-            costs.pop(next(iter(costs)))  # the oldest
-        costs[key] = self.per_item
 
     def next_size(self) -> int:
         if self.chunksize is not None:
@@ -174,7 +162,6 @@ class MapRun:
             for task in self.inflight:
                 task.future.cancel()
             self.inflight.clear()
-            self._remember()
             if self.bar is not None:
                 self.bar.close()
 
@@ -212,16 +199,6 @@ class _MapIterator(itertools.chain):  # type: ignore[type-arg]
     def close(self) -> None:
         """Stop: cancel what was not started. Never blocks."""
         self._chunks.close()
-
-
-def _key(fn: Any) -> Any:
-    # Functions by identity (kept alive by the pool's small table); None
-    # for what cannot be a key.
-    try:
-        hash(fn)
-    except TypeError:
-        return None
-    return fn
 
 
 def _put_task(q: queue.SimpleQueue[Task], task: Task, _fut: Future[Any]) -> None:
