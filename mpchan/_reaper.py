@@ -117,13 +117,16 @@ def main(argv: list[str]) -> int:
     while not stop and not _wait_root(root, _SCAN_ALIVE, pidfd):
         gc_pass(token)
     # the root is gone (or asked us to finish): wait briefly for holders to die
-    end = time.monotonic() + _FORCE_AFTER
-    while time.monotonic() < end:
-        if gc_pass(token) == 0:
-            return 0
-        time.sleep(_SCAN_AFTER)
-    gc_pass(token, force=True)
-    return 0
+    try:
+        end = time.monotonic() + _FORCE_AFTER
+        while time.monotonic() < end:
+            if gc_pass(token) == 0:
+                return 0
+            time.sleep(_SCAN_AFTER)
+        gc_pass(token, force=True)
+        return 0
+    finally:
+        _unlink(os.path.join(SHM_DIR, f".mpchan-{token}-reaper"))
 
 
 if __name__ == "__main__":

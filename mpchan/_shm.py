@@ -36,6 +36,7 @@ import contextlib
 import mmap
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -43,7 +44,7 @@ import weakref
 from typing import Any
 
 from . import _core
-from ._compat import SHM_DIR
+from ._compat import IS_LINUX, SHM_DIR
 
 __all__ = ["Segment", "create_segment", "open_segment", "session_token", "shm_path"]
 
@@ -54,6 +55,7 @@ _lock = threading.Lock()
 _session: str | None = None
 _reaper: subprocess.Popen[bytes] | None = None
 _is_root = False
+_reaper_checked = False
 _pid = os.getpid()
 
 
@@ -81,8 +83,59 @@ def session_token() -> str:
                 _session = secrets.token_hex(6)
                 _is_root = True
                 os.environ[_ENV] = f"{_session}:{os.getpid()}"
-                _start_reaper(_session)
     return _session
+
+
+def _ensure_reaper(token: str) -> None:
+    """Make sure the program's reaper runs before its first segment exists.
+
+    The first process of the session to create a segment (the root or any
+    worker) starts it, once per session: on Linux the claim is an abstract
+    socket name that the reaper then holds (the kernel frees the name when
+    the reaper ends, so nothing is ever left behind); elsewhere an
+    ``O_EXCL`` marker file that the reaper removes when it ends.  A program
+    that never makes a segment never pays for a reaper.
+    """
+    global _reaper_checked
+    if _reaper_checked:
+        return
+    with _lock:
+        if _reaper_checked:
+            return
+        _reaper_checked = True
+        root = os.environ.get(_ENV, "").partition(":")[2]
+        claim = _claim_reaper(token)
+        if claim is None:
+            return  # another process of the program started it
+        try:
+            _start_reaper(token, int(root) if root.isdigit() else os.getpid(), claim)
+        finally:
+            if claim >= 0:
+                os.close(claim)
+
+
+def _claim_reaper(token: str) -> int | None:
+    """An fd the reaper inherits as proof of its claim (-1: none needed), or
+    None when the session's reaper was already started."""
+    if IS_LINUX:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(b"\0mpchan-reaper-" + token.encode())
+        except OSError:
+            sock.close()
+            return None
+        return sock.detach()
+    try:
+        fd = os.open(reaper_marker(token), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return None
+    os.close(fd)
+    return -1
+
+
+def reaper_marker(token: str) -> str:
+    """Path of the file that says the session's reaper was started (not Linux)."""
+    return os.path.join(SHM_DIR, f".{PREFIX}{token}-reaper")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -95,9 +148,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _start_reaper(token: str) -> None:
+def _start_reaper(token: str, root: int, claim: int) -> None:
     global _reaper
-    cmd = [sys.executable, "-m", "mpchan._reaper", token, str(os.getpid())]
+    cmd = [sys.executable, "-m", "mpchan._reaper", token, str(root)]
     env = dict(os.environ)
     # the reaper must find this very package, also from a checkout
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +163,7 @@ def _start_reaper(token: str) -> None:
         close_fds=True,
         start_new_session=True,  # a Ctrl-C to the terminal does not reach it
         env=env,
+        pass_fds=(claim,) if claim >= 0 else (),  # it holds the claim for its life
     )
 
 
@@ -120,7 +174,9 @@ def reaper_pid() -> int | None:
 
 def new_name(kind: str) -> str:
     """A fresh, unguessable segment name of this session."""
-    return f"{PREFIX}{session_token()}-{kind}{secrets.token_hex(8)}"
+    token = session_token()
+    _ensure_reaper(token)
+    return f"{PREFIX}{token}-{kind}{secrets.token_hex(8)}"
 
 
 def create_file(name: str, size: int) -> int:
