@@ -39,7 +39,7 @@ __all__ = ["MapRun"]
 
 _CHUNK_TARGET = 0.005  # seconds of calls per automatic chunk
 _CHUNK_MAX = 65536
-_WINDOW_PER_WORKER = 16  # default chunks in flight per worker
+_WINDOW_PER_WORKER = 4  # default chunks in flight per worker
 
 
 class MapRun:
