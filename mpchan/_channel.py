@@ -117,13 +117,18 @@ def _ring_size_for(capacity: int) -> int:
     return (size + 7) & ~7
 
 
-def _inline_limit(ring: int, capacity: int) -> int:
-    """Largest payload kept in the ring.  Invariant: ``capacity`` records of
-    this size plus one end-of-ring PAD always fit, so a buffered channel
-    accepts ``capacity`` messages whatever their sizes (bigger ones travel
-    out of band, their ring record is a small descriptor)."""
-    per = ring // 4 if capacity == 0 else min(ring // 4, ring // (capacity + 1))
-    return min(per & ~7, 64 * 1024) - REC
+def _inline_limit(ring: int) -> int:
+    """Largest payload tried in the ring; bigger ones travel out of band (their
+    ring record is a small descriptor).
+
+    Invariant: ``capacity`` records of the *hard* size (``ring/(capacity+1)``)
+    plus one end-of-ring PAD always fit, so a buffered channel accepts
+    ``capacity`` messages whatever their sizes.  A buffered channel also
+    tries records up to a quarter of the ring inline: the core takes one
+    only while the room of every message the capacity still allows stays
+    free, and answers NOSPACE otherwise (the sender then goes out of band).
+    """
+    return min((ring // 4) & ~7, 64 * 1024) - REC
 
 
 def _slot_size(n: int) -> int:
@@ -153,12 +158,16 @@ class Channel:
 
     __slots__ = ("__weakref__", "_cap", "_core", "_inline", "_name", "_seg")
 
-    def __init__(self, capacity: int = 0) -> None:
+    def __init__(self, capacity: int = 0, *, _ring_extra: int = 0) -> None:
+        # _ring_extra (internal): ring bytes beyond what the capacity needs,
+        # room for bigger messages inline (the pool's task and result channels)
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
-        seg = _shm.create_segment(capacity, _ring_size_for(capacity))
+        ring = _ring_size_for(capacity)
+        hard = min(ring // 4, ring // (capacity + 1))
+        seg = _shm.create_segment(capacity, ring + (_ring_extra & ~7), hard)
         self._adopt(seg)
 
     def _adopt(self, seg: _shm.Segment) -> None:
@@ -167,7 +176,7 @@ class Channel:
         self._name = seg.name
         self._cap = int(seg.core.capacity())
         ring = int(seg.core.ring_size())
-        self._inline = _inline_limit(ring, self._cap)
+        self._inline = _inline_limit(ring)
 
     @classmethod
     def _from_segment(cls, seg: _shm.Segment) -> Channel:

@@ -50,14 +50,17 @@
 #include <stdio.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/types.h>
 #include <unistd.h>
 
 #define MAGIC 0x4d504348u /* "MPCH" */
-#define VERSION 1u
+#define VERSION 2u
 #define MAXW 256
 #define MAXH 256
 #define MAXB 16
@@ -116,6 +119,7 @@ typedef struct {
     };
     uint64_t capacity;  /* messages; 0 = unbuffered (rendezvous) */
     uint64_t ring_size; /* bytes, multiple of 8 */
+    uint64_t hard_span; /* ring bytes every message of the capacity may use */
     uint64_t head;
     uint64_t tail;
     uint64_t count;
@@ -414,12 +418,12 @@ static void Chan_dealloc(ChanObject *c) {
 }
 
 static int Chan_init(ChanObject *c, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "size", "init", "capacity", "ring_size", NULL};
+    static char *kwlist[] = {"fd", "size", "init", "capacity", "ring_size", "hard_span", NULL};
     int fd, init = 0;
     Py_ssize_t size;
-    unsigned long long capacity = 0, ring_size = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "in|pKK", kwlist, &fd, &size, &init, &capacity,
-                                     &ring_size))
+    unsigned long long capacity = 0, ring_size = 0, hard = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "in|pKKK", kwlist, &fd, &size, &init, &capacity,
+                                     &ring_size, &hard))
         return -1;
     if (size < HDR_SIZE + 64) {
         PyErr_SetString(PyExc_ValueError, "segment too small");
@@ -454,6 +458,12 @@ static int Chan_init(ChanObject *c, PyObject *args, PyObject *kw) {
         }
         h->capacity = capacity;
         h->ring_size = ring_size;
+        /* default: the whole ring shared by the capacity, at most 64 KiB */
+        uint64_t per = ring_size / 4;
+        if (ring_size / (capacity + 1) < per) per = ring_size / (capacity + 1);
+        per &= ~(uint64_t)7;
+        if (hard && hard < per) per = hard & ~(uint64_t)7;
+        h->hard_span = per < 65536 ? per : 65536;
         h->holders[0].pid = (uint32_t)getpid(); /* the creator holds it from birth */
         h->holders[0].refs = 1;
         h->next_ticket = 1;
@@ -474,7 +484,15 @@ static PyObject *Chan_unmap(ChanObject *c, PyObject *Py_UNUSED(a)) {
     Py_RETURN_NONE;
 }
 
-/* Append one record; returns status.  Lock held. */
+/* Ring bytes of the largest record a buffered channel always has room for:
+ * ``capacity`` of them plus one end-of-ring PAD fit in the ring. */
+static inline uint64_t hard_span(hdr_t *h) { return h->hard_span; }
+
+/* Append one record; returns status.  Lock held.
+ * A record of a buffered channel bigger than hard_span is taken only if the
+ * room of every message still allowed by the capacity (hard_span each, plus
+ * one PAD) stays free after it; otherwise ST_NOSPACE and the sender puts the
+ * payload out of band.  So capacity always counts messages. */
 static int put_record(ChanObject *c, const char *data, uint64_t len, uint32_t flags,
                       uint64_t token, uint32_t blob, uint64_t *ticket) {
     hdr_t *h = c->h;
@@ -485,6 +503,11 @@ static int put_record(ChanObject *c, const char *data, uint64_t len, uint32_t fl
     uint64_t t = h->tail;
     uint64_t off = t % h->ring_size;
     uint64_t contig = h->ring_size - off;
+    if (h->capacity && need > hard_span(h)) {
+        uint64_t cost = need + (contig < need ? contig : 0);
+        uint64_t keep = (h->capacity - h->count) * hard_span(h);
+        if (freeb < cost || freeb - cost < keep) return ST_NOSPACE;
+    }
     if (contig < need) {
         if (freeb < contig + need) return ST_NOSPACE;
         if (contig >= REC) {
@@ -1380,8 +1403,48 @@ static PyTypeObject ChanType = {
     .tp_doc = "A mapped channel segment.",
 };
 
+/* dgram_wake(fd, addr) -> errno (0: sent)
+ * One byte to a Unix datagram address, MSG_DONTWAIT, *keeping* the GIL: the
+ * call never blocks, and giving the GIL up here would let a busy thread of
+ * this process keep it for a whole switch interval (5 ms) before this one
+ * runs again.  ``addr`` is the address as bytes (a leading NUL: abstract). */
+static PyObject *core_dgram_wake(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "dgram_wake(fd, addr)");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    char *a;
+    Py_ssize_t alen;
+    if (PyBytes_AsStringAndSize(args[1], &a, &alen) < 0) return NULL;
+    struct sockaddr_un sa;
+    if (alen <= 0 || (size_t)alen > sizeof(sa.sun_path)) {
+        PyErr_SetString(PyExc_ValueError, "bad socket address");
+        return NULL;
+    }
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, a, (size_t)alen);
+    socklen_t sl = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + (size_t)alen);
+    if (a[0] != 0) sl += 1; /* a path: include its terminating NUL */
+    char one = 1;
+    ssize_t r;
+    do {
+        r = sendto(fd, &one, 1, MSG_DONTWAIT, (struct sockaddr *)&sa, sl);
+    } while (r < 0 && errno == EINTR);
+    return PyLong_FromLong(r < 0 ? errno : 0);
+}
+
+static PyMethodDef core_functions[] = {
+    {"dgram_wake", (PyCFunction)(void (*)(void))core_dgram_wake, METH_FASTCALL,
+     "Send one byte to a Unix datagram address without blocking; return errno."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef coremodule = {
-    PyModuleDef_HEAD_INIT, "mpchan._core", "Shared-memory ring and robust lock.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "mpchan._core", "Shared-memory ring and robust lock.", -1,
+    core_functions,
 };
 
 PyMODINIT_FUNC PyInit__core(void) {

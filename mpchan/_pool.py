@@ -104,11 +104,14 @@ COLLECTOR_THREAD = "mpchan-pool-collector"
 WATCHER_THREAD = "mpchan-pool-ctx"
 
 _DEPTH_MAX = 1024  # most tasks queued at one worker
-# Invariant: _TASK_CAPACITY >= _DEPTH_MAX. Bigger than needed: a channel's
-# ring grows with its capacity, and chunks of up to ~64 KiB then travel
-# inline rather than through a payload file.
+# Invariant: _TASK_CAPACITY >= _DEPTH_MAX. The rings get room beyond what
+# the capacities need, so tasks and replies of up to 64 KiB (a map chunk of
+# some thousand small items) travel inline rather than through a payload
+# file, which costs a fresh file's pages the first time.
 _TASK_CAPACITY = 4096
 _RESULTS_CAPACITY = 4096
+_TASK_RING_EXTRA = 1 << 20  # > _QUEUE_BYTES + 64 KiB
+_RESULTS_RING_EXTRA = 4 << 20
 _TICK = 0.05  # longest collector wait when timeouts or drains need watching
 _QUEUE_TARGET = 0.01  # seconds of work to keep queued at each worker (> a GIL switch)
 _QUEUE_BYTES = 256 * 1024  # most bytes of tasks queued at one worker (ring: 512 KiB)
@@ -204,7 +207,7 @@ class Pool(Executor):
         self._submitted = 0
         self._counts = {"completed": 0, "crashed": 0, "timed_out": 0, "retried": 0}
         self._done_event = threading.Event()
-        self._results: Channel | None = Channel(_RESULTS_CAPACITY)
+        self._results: Channel | None = Channel(_RESULTS_CAPACITY, _ring_extra=_RESULTS_RING_EXTRA)
         self._collector = threading.Thread(target=self._collect, name=COLLECTOR_THREAD, daemon=True)
         self._watcher: threading.Thread | None = None
         try:
@@ -575,7 +578,7 @@ class Pool(Executor):
     def _start_slot(self) -> None:
         worker = self._sup.acquire()
         try:
-            ch = Channel(_TASK_CAPACITY)
+            ch = Channel(_TASK_CAPACITY, _ring_extra=_TASK_RING_EXTRA)
             request = encode_task(
                 pool_worker_loop,
                 (

@@ -78,6 +78,7 @@ class MapRun:
         self.obs_secs = 0.0
         self.obs_items = 0.0
         self.probes = 0
+        self.grow = 1
         self.waited = False
         self.inflight: deque[Task] = deque()
         self.items_inflight = 0
@@ -111,7 +112,15 @@ class MapRun:
                     return self.next_size()
             self.probes += 1
         else:
-            size = max(1, min(self.cap, int(_CHUNK_TARGET / max(self.per_item, 1e-8))))
+            size = max(1, int(_CHUNK_TARGET / max(self.per_item, 1e-8)))
+            if self.total is not None:
+                # A one-item probe overstates the time per item of a tiny task
+                # (its first call is cold), and the window fills before a
+                # bigger chunk answers: grow each chunk, up to the cap, which
+                # alone keeps several chunks per worker.
+                size *= self.grow
+                self.grow *= 2
+            size = min(self.cap, size)
         if self.buffersize is not None:
             size = min(size, max(1, self.buffersize - self.items_inflight))
         return size

@@ -262,8 +262,11 @@ def _detach(name: str, core: Any, blob_maps: dict[str, mmap.mmap]) -> None:
     core.unmap()
 
 
-def create_segment(capacity: int, ring_size: int) -> Segment:
+def create_segment(capacity: int, ring_size: int, hard_span: int = 0) -> Segment:
     """Create, initialise and map a new channel segment.
+
+    ``hard_span`` (0: the ring shared by the capacity) bounds the ring bytes
+    kept free for each message the capacity allows (see ``_core``).
 
     Blocks: never.  Process safety: any thread of any process.
     """
@@ -271,7 +274,7 @@ def create_segment(capacity: int, ring_size: int) -> Segment:
     size = _core.HDR_SIZE + ring_size
     fd = create_file(name, size)
     try:
-        core = _core.Chan(fd, size, True, capacity, ring_size)
+        core = _core.Chan(fd, size, True, capacity, ring_size, hard_span)
     except BaseException:
         unlink_quietly(name)
         raise

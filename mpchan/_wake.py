@@ -21,6 +21,7 @@ the channel lock, so spurious or stale wake-ups are harmless.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import select
@@ -30,16 +31,18 @@ import tempfile
 import threading
 from collections.abc import Iterable
 
+from ._core import dgram_wake
+
 __all__ = ["Waiter", "current_waiter", "wake"]
 
 _ABSTRACT = sys.platform.startswith("linux")
 _sockdir: str | None = None
 
 
-_addresses: dict[int, str | bytes] = {}
+_addresses: dict[int, bytes] = {}
 
 
-def _address(key: int) -> str | bytes:
+def _address(key: int) -> bytes:
     addr = _addresses.get(key)
     if addr is None:
         if len(_addresses) > 4096:  # bounded: keys of dead waiters pile up
@@ -47,7 +50,7 @@ def _address(key: int) -> str | bytes:
         if _ABSTRACT:
             addr = b"\0mpchan-w-%016x" % key
         else:
-            addr = os.path.join(_socket_dir(), f"w-{key:016x}")
+            addr = os.fsencode(os.path.join(_socket_dir(), f"w-{key:016x}"))
         _addresses[key] = addr
     return addr
 
@@ -79,7 +82,7 @@ class Waiter:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         addr = _address(self.key)
-        self._path = None if isinstance(addr, bytes) else addr
+        self._path = None if _ABSTRACT else addr
         self.sock.bind(addr)
         self._poll = select.poll()
         self._poll.register(self.sock.fileno(), select.POLLIN)
@@ -159,18 +162,18 @@ def wake(keys: Iterable[int]) -> list[int]:
     Blocks: never (a full buffer means a wake-up is pending already).
     Process safety: any thread of any process.
     """
-    s = _sender()
+    fd = _sender().fileno()
     dead: list[int] = []
     for key in keys:
-        try:
-            s.sendto(b"\1", socket.MSG_DONTWAIT, _address(key))
-        except BlockingIOError:
-            pass
-        except (ConnectionRefusedError, FileNotFoundError):
+        # in C, keeping the GIL: socket.sendto would release it
+        err = dgram_wake(fd, _address(key))
+        if err in _DEAD:
             dead.append(key)
-        except OSError:
-            pass
+        # EAGAIN: a wake-up is pending already; other errors: nothing to do
     return dead
+
+
+_DEAD = frozenset({errno.ECONNREFUSED, errno.ENOENT})
 
 
 def _after_fork_in_child() -> None:

@@ -411,6 +411,32 @@ def test_wraparound_exact_single_process(capacity: int) -> None:
         assert len(ch) == 0
 
 
+@pytest.mark.parametrize(("capacity", "extra"), [(10, 0), (10, 64 * 1024), (100, 0), (64, 1 << 20)])
+def test_medium_records_never_take_the_room_of_the_capacity(capacity: int, extra: int) -> None:
+    """Records bigger than the ring's share per message stay inline only while
+    every message the capacity still allows keeps its room, so a buffered
+    channel holding them still accepts exactly its capacity."""
+    ch = Channel(capacity, _ring_extra=extra)
+    ring = ch._core.ring_size()
+    share = (ring - extra) // (capacity + 1) // 8 * 8
+    medium = min(ch._inline, 3 * share)
+    small = share - _core.REC_SIZE
+    assert medium > share > small > 8
+    sent = []
+    for i in range(capacity):
+        v = cw.stamped(i, medium if i < capacity // 2 else small)
+        ch.send_nowait(v)
+        sent.append(v)
+    with pytest.raises(WouldBlock):
+        ch.send_nowait(b"x")
+    if extra:
+        # the room beyond the capacity's share carries some medium records inline
+        assert len(ch._core.blobs()) < capacity // 2
+    assert [ch.recv_nowait() for _ in range(capacity)] == sent
+    with pytest.raises(WouldBlock):
+        ch.recv_nowait()
+
+
 def test_numpy_and_big_values_roundtrip(procs: Callable[[str], Procs]) -> None:
     np = pytest.importorskip("numpy")
     inbox, outbox = Channel(2), Channel(2)
