@@ -291,7 +291,11 @@ def _make_segment(name: str, core: Any) -> Segment:
     seg.pid = os.getpid()
     seg.blob_maps = {}
     seg._fin = weakref.finalize(seg, _detach, name, core, seg.blob_maps)
-    seg._fin.atexit = True
+    # At exit, _at_exit releases every live segment, after the pools and the
+    # supervisor stopped using them (atexit order); a finalizer run at exit
+    # would come first (weakref registers its hook late) and pull a channel
+    # from under a thread still waiting on it.
+    seg._fin.atexit = False
     with _lock:
         _registry[name] = seg
     return seg

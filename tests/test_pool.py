@@ -260,6 +260,50 @@ def test_parent_sigkilled_mid_map_leaves_nothing(tmp_path: Path) -> None:
     assert wait_until(lambda: not [n for n in os.listdir(shm) if token in n], 10), "segments left"
 
 
+LEFT_OPEN = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import mpchan
+    from mpchan import _shm
+
+    def inc(x):
+        return x + 1
+
+    def main():
+        pool = mpchan.Pool(2)  # never shut down: the program's exit does it
+        assert sum(pool.map(inc, range(20_000))) == 20_000 * 20_001 // 2
+        print(_shm.session_token(), *pool.stats()["workers"], flush=True)
+        if sys.argv[1] == "raise":
+            raise RuntimeError("the program fails")
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["return", "raise"])
+def test_pool_left_open_at_exit_ends_quietly(tmp_path: Path, how: str) -> None:
+    """A pool nobody shut down is stopped at exit before its channels go:
+    no traceback from its threads, no worker and no segment left."""
+    script = tmp_path / "left_open.py"
+    script.write_text(LEFT_OPEN.format(root=str(ROOT)))
+    proc = subprocess.run(
+        [sys.executable, str(script), how], capture_output=True, text=True, timeout=WAIT
+    )
+    line = proc.stdout.split()
+    token, pids = line[0], [int(p) for p in line[1:]]
+    if how == "raise":
+        assert proc.returncode == 1
+        assert proc.stderr.count("Traceback") == 1 and "the program fails" in proc.stderr
+    else:
+        assert proc.returncode == 0 and proc.stderr == ""
+    assert "Exception in thread" not in proc.stderr
+    assert wait_until(lambda: not any(_alive(p) for p in pids), 5), "orphaned workers"
+    assert wait_until(lambda: not [n for n in os.listdir("/dev/shm") if token in n], 10)
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
