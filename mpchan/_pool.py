@@ -455,15 +455,18 @@ class Pool(Executor):
         msg = TASK_HDR.pack(tid, kind) + memoryview(msg)[TASK_HDR.size :]
         task = Task(tid, msg, fn, self._retries, kind, n, owner)
         self._submitted += 1
-        if self._parked and not self._pending:
+        if not self._pending and (self._parked or kind != CALL):
             # The pool is quiet (the collector waits): hand the task to an
-            # idle worker now, for the lowest latency.
+            # idle worker now, for the lowest latency. A map chunk goes to
+            # the least loaded worker with room even while the collector
+            # runs: chunks are few and big, so a wake-up each is cheap, and
+            # waiting for the collector to dispatch one can idle a worker.
             with self._lock:
                 if not self._pending:
-                    for slot in self._slots.values():
-                        if not slot.queue and not slot.retiring and self._may_take(slot):
-                            self._assign(slot, task)
-                            return task
+                    slot = self._direct_slot(kind, len(msg))
+                    if slot is not None:
+                        self._assign(slot, task)
+                        return task
         # Otherwise the collector dispatches in batches: one wake-up per
         # batch for each worker, and none while it runs. A lock-free append
         # (atomic under the GIL) keeps a submitting loop fast.
@@ -485,6 +488,26 @@ class Pool(Executor):
             task.future.set_exception(err)
             return task
         return self._submit_msg(msg, fn, kind, len(items), owner)
+
+    def _direct_slot(self, kind: int, size: int) -> Slot | None:
+        # Caller holds _lock. A single call only to an idle worker; a chunk
+        # to the shortest queue below the refill mark with bytes to spare.
+        best: Slot | None = None
+        low = self._depth // 2
+        for s in self._slots.values():
+            if s.retiring or not self._may_take(s):
+                continue
+            n = len(s.queue)
+            if kind == CALL:
+                if n == 0:
+                    return s
+            elif (
+                n <= low
+                and (best is None or n < len(best.queue))
+                and (n == 0 or sum(len(t.msg) for t in s.queue) + size <= _QUEUE_BYTES)
+            ):
+                best = s
+        return best
 
     def _may_take(self, slot: Slot) -> bool:
         # Caller holds _lock.

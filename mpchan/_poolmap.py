@@ -25,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future
-from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from ._pooltask import Task
@@ -83,7 +82,9 @@ class MapRun:
         self.inflight: deque[Task] = deque()
         self.items_inflight = 0
         self.exhausted = False
-        self.done_q: queue.SimpleQueue[Task] = queue.SimpleQueue()
+        self.done_q: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()  # from the collector
+        self.by_future: dict[Future[Any], Task] = {}  # not yet seen in done_q
+        self.done: dict[Task, None] = {}  # finished, not yet yielded (insertion order)
         self.bar: Any = None
         if progress:
             self.bar = progress_bar(total)
@@ -127,7 +128,14 @@ class MapRun:
 
     def top_up(self) -> None:
         pool = self.pool
-        while not self.exhausted and len(self.inflight) < self.window:
+        self._take_done()
+        # Chunks at the workers stay within the window; finished ones wait
+        # to be yielded in order, at most another window's worth of them.
+        while (
+            not self.exhausted
+            and len(self.inflight) - len(self.done) < self.window
+            and len(self.inflight) < 2 * self.window
+        ):
             if self.buffersize is not None and self.items_inflight >= self.buffersize:
                 return
             if pool._closed or (pool._ctx is not None and pool._ctx.draining):
@@ -140,10 +148,18 @@ class MapRun:
                 self.exhausted = True
                 return
             task = pool._submit_chunk(self.fn, items, self.kind, self)
-            if not self.ordered:
-                task.future.add_done_callback(partial(_put_task, self.done_q, task))
+            # The callback holds the queue, not the task: a task <-> future
+            # cycle would keep the pool's channels alive until a GC pass.
+            self.by_future[task.future] = task
+            task.future.add_done_callback(self.done_q.put)
             self.inflight.append(task)
             self.items_inflight += task.n
+
+    def _take_done(self) -> None:
+        # Move what the collector finished meanwhile into self.done (this thread's).
+        q = self.done_q
+        while not q.empty():
+            self.done[self.by_future.pop(q.get_nowait())] = None
 
     def results(self) -> Iterator[Any]:
         # The items of each chunk are handed out by itertools.chain in C; this
@@ -171,26 +187,37 @@ class MapRun:
             for task in self.inflight:
                 task.future.cancel()
             self.inflight.clear()
+            self.done.clear()
+            self.by_future.clear()
+            while not self.done_q.empty():
+                self.done_q.get_nowait()
             if self.bar is not None:
                 self.bar.close()
 
     def _next_done(self) -> Task:
-        left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-        if self.ordered:
-            task = self.inflight[0]
+        # Every finished chunk wakes this thread, so the window is topped up
+        # as soon as any worker has room, not only when the oldest chunk
+        # (the next to yield in order) is done.
+        done = self.done
+        while True:
+            self._take_done()
+            if self.ordered:
+                task = self.inflight[0]
+                if task in done:
+                    self.inflight.popleft()
+                    break
+            elif done:
+                task = next(iter(done))
+                self.inflight.remove(task)
+                break
+            left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
             try:
-                task.future.exception(left)
-            except TimeoutError:
+                finished = self.done_q.get(timeout=left)
+            except queue.Empty:
                 raise TimeoutError(f"map results not ready within {self.timeout} s") from None
-            except Exception:
-                pass  # cancelled: _outcome raises
-            self.inflight.popleft()
-            return task
-        try:
-            task = self.done_q.get(timeout=left)
-        except queue.Empty:
-            raise TimeoutError(f"map results not ready within {self.timeout} s") from None
-        self.inflight.remove(task)
+            done[self.by_future.pop(finished)] = None
+            self.top_up()
+        del done[task]
         return task
 
     @staticmethod
@@ -208,10 +235,6 @@ class _MapIterator(itertools.chain):  # type: ignore[type-arg]
     def close(self) -> None:
         """Stop: cancel what was not started. Never blocks."""
         self._chunks.close()
-
-
-def _put_task(q: queue.SimpleQueue[Task], task: Task, _fut: Future[Any]) -> None:
-    q.put(task)
 
 
 def progress_bar(total: int | None) -> Any:

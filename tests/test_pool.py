@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,12 @@ def pid_of(_: Any = None) -> int:
 def sleep_and_return(seconds: float, value: Any = None) -> Any:
     time.sleep(seconds)
     return value
+
+
+def gated(x: int, gate: mpchan.Channel) -> int:
+    if x == 0:
+        gate.recv(timeout=WAIT)  # the first item waits until the test opens the gate
+    return x
 
 
 def hoard(nbytes: int) -> int:
@@ -165,6 +172,31 @@ def test_ctx_cancel_stops_everything() -> None:
     finally:
         pool.shutdown()
         cancel()
+
+
+def test_ordered_map_feeds_workers_behind_a_slow_first_item_within_bounds() -> None:
+    """While the item to yield next is still running, finished chunks behind
+    it free their workers for new ones (ordered output does not idle the
+    pool), but what is read ahead stays bounded (two windows of chunks)."""
+    gate = mpchan.Channel(1)
+    with Pool(2) as pool:
+        it = pool.map(gated, range(1000), itertools.repeat(gate), chunksize=1)
+        first: list[int] = []
+        t = threading.Thread(target=lambda: first.append(next(it)))
+        t.start()
+        window = 4 * 2  # chunks at the workers: 4 per worker
+        done = lambda: pool.stats()["completed"]  # noqa: E731
+        deadline = time.monotonic() + WAIT
+        # one worker holds item 0; the other runs more than a window of items
+        while done() < window + 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert done() >= window + 4, "the other worker starved behind the first item"
+        submitted = pool.stats()["submitted"]
+        assert submitted <= 2 * window + 1  # bounded read-ahead (+1 warm-up free)
+        gate.send(None)
+        t.join(WAIT)
+        assert first == [0]
+        assert list(it) == list(range(1, 1000))
 
 
 def test_ctx_drain_finishes_in_flight_and_ends_map() -> None:
