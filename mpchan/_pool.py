@@ -5,7 +5,7 @@ Data flow::
     submit/map (caller threads)                        pool workers (processes)
     ---------------------------                        ------------------------
     pickle the call here                              +--> pool_worker_loop (_poolworker)
-      | quiet pool: _assign to an idle worker now ----+      recv_many -> run -> send reply
+      | quiet pool (or a map chunk): _assign now -----+      recv_many -> run -> send reply
       v busy pool: append (no lock)                   |          |   (one reply per task,
     _pending (deque) --> _fill: slot.queue += tasks,  |          |    before the next task)
         ^                send_many to slot.ch --------+          v

@@ -10,8 +10,15 @@ Flow of one ``map`` call::
 
 Chunk size (``chunksize=None``): one single-item probe per worker first;
 the first answer gives the time per call, then chunks hold about
-``_CHUNK_TARGET`` seconds of calls, at most ``len/(4*workers)`` items when
-the input has a length, so every worker gets several chunks.
+``_CHUNK_TARGET`` seconds of calls. When the input has a length, each chunk
+doubles the last (a one-item probe overstates a tiny task's time per item:
+its first call is cold), up to ``len/(4*workers)`` items, so every worker
+still gets several chunks.
+
+Window: at most ``_WINDOW_PER_WORKER * workers`` chunks at the workers, and
+at most twice that read and not yet yielded. Every finished chunk wakes the
+iterating thread, which tops the window up at once: an ordered map whose
+next chunk is slow keeps the other workers busy.
 """
 
 from __future__ import annotations
