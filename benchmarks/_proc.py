@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -44,6 +46,10 @@ def _child_main(
     conn: multiprocessing.connection.Connection, fn: Callable[..., Any], args: tuple[Any, ...]
 ) -> None:
     """Run ``fn(*args)`` and send ``("ok", result)`` or ``("err", traceback)`` to the parent."""
+    # Whatever this process and the peers' processes it starts print goes to
+    # stderr: stdout is the report (``mpchan bench > table.md``).
+    sys.stdout.flush()
+    os.dup2(2, 1)
     try:
         result = fn(*args)
     except BaseException:
