@@ -369,7 +369,9 @@ class Pool(Executor):
         return self._closed or (self._ctx is not None and self._ctx.draining)
 
     def stats(self) -> dict[str, Any]:
-        """Plain data: per worker pid its state, tasks done, RSS and CPU%; queue depth.
+        """Plain data: per worker pid its state, tasks done, RSS and CPU%; queue depth;
+        task counters (``submitted``, ``completed`` (answered), ``failed``
+        (raised, crashed or timed out), ``crashed``, ``timed_out``, ``retried``).
 
         Never blocks (beyond reading /proc through psutil).
         """

@@ -401,7 +401,8 @@ class Supervisor:
         killed with SIGKILL. Every process is reaped before this returns.
 
         Blocks: until every worker process has exited (at most about
-        ``timeout`` plus the time SIGKILL takes).
+        ``timeout`` plus the time SIGKILL takes), then until the metrics
+        server (if any) has answered the scrapes in progress and stopped.
         Cancellation: none; later calls to ``acquire``/``run`` raise
         :class:`ShutdownError`. A concurrent second call waits for the first.
         Process safety: any thread, including a Future callback.
