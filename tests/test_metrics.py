@@ -132,6 +132,7 @@ def test_stats_lists_channels_and_contexts_and_starts_nothing() -> None:
         assert ch.recv() == "a"
         ctx, cancel = mpchan.with_cancel(mpchan.background())
         wg = mpchan.WaitGroup()
+        gc.collect()  # earlier tests' garbage must not be counted away below
         snap = mpchan.stats()
         # asking made no supervisor (so no process either)
         assert _supervisor._default is None
