@@ -56,6 +56,8 @@ _EXPORTS: dict[str, str] = {
     "fan_out": "_fan",
     "tee": "_fan",
     "main": "_main",
+    # observability
+    "stats": "_metrics",
 }
 
 if TYPE_CHECKING:
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
     from ._go import go as go
     from ._group import Group as Group
     from ._main import main as main
+    from ._metrics import stats as stats
     from ._pool import Pool as Pool
     from ._select import select as select
     from ._stream import Stream as Stream
@@ -128,6 +131,7 @@ __all__ = [
     "merge",
     "select",
     "shutdown",
+    "stats",
     "stream",
     "tee",
     "tick",

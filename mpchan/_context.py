@@ -85,7 +85,7 @@ class _Node:
 
     @classmethod
     def new(cls) -> _Node:
-        return cls(_shm.create_segment(0, _NODE_RING))
+        return cls(_shm.create_segment(0, _NODE_RING, kind=_shm.CONTEXT))
 
     def cancelled(self) -> bool:
         return bool(self.core.is_closed())

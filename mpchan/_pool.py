@@ -63,7 +63,7 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from functools import partial
 from typing import Any, TypeVar
 
-from . import _supervisor
+from . import _metrics, _supervisor
 from ._channel import Channel
 from ._context import Context
 from ._errors import (
@@ -206,6 +206,8 @@ class Pool(Executor):
         self._depth = 1  # tasks queued per worker; grows once tasks prove short
         self._submitted = 0
         self._counts = {"completed": 0, "crashed": 0, "timed_out": 0, "retried": 0}
+        self._raised = 0  # answered tasks that failed (written by the collector only)
+        self._metrics_id = str(next(_pool_ids))
         self._done_event = threading.Event()
         self._results: Channel | None = Channel(_RESULTS_CAPACITY, _ring_extra=_RESULTS_RING_EXTRA)
         self._collector = threading.Thread(target=self._collect, name=COLLECTOR_THREAD, daemon=True)
@@ -223,6 +225,7 @@ class Pool(Executor):
             )
             self._watcher.start()
         _live_pools.add(self)
+        _metrics.register(self, Pool._metric_families)
 
     # -- public API -------------------------------------------------------------
 
@@ -366,7 +369,9 @@ class Pool(Executor):
         return self._closed or (self._ctx is not None and self._ctx.draining)
 
     def stats(self) -> dict[str, Any]:
-        """Plain data: per worker pid its state, tasks done, RSS and CPU%; queue depth.
+        """Plain data: per worker pid its state, tasks done, RSS and CPU%; queue depth;
+        task counters (``submitted``, ``completed`` (answered), ``failed``
+        (raised, crashed or timed out), ``crashed``, ``timed_out``, ``retried``).
 
         Never blocks (beyond reading /proc through psutil).
         """
@@ -392,6 +397,7 @@ class Pool(Executor):
                 rows.append((s, state, s.done, len(s.queue)))
             depth = len(self._pending)
             counts = dict(self._counts, submitted=self._submitted)
+            counts["failed"] = self._raised + counts["crashed"] + counts["timed_out"]
         workers: dict[int, dict[str, Any]] = {}
         for s, state, done, queued in rows:
             rss: int | None = None
@@ -414,6 +420,46 @@ class Pool(Executor):
             "broken": self._broken is not None,
             **counts,
         }
+
+    def _metric_families(self) -> list[_metrics.Family]:
+        # A metrics source (see _metrics.register); cheap: counters only.
+        with self._lock:
+            depth = len(self._pending)
+            workers = len(self._slots)
+            counts = dict(self._counts)
+            raised = self._raised
+        submitted = self._submitted
+        labels = {"pool": self._metrics_id}
+        failed = raised + counts["crashed"] + counts["timed_out"]
+        return [
+            _metrics.Family(
+                "mpchan_pool_tasks_submitted_total",
+                "counter",
+                "Tasks submitted to the pool (a map chunk is one task)",
+                [(labels, submitted)],
+            ),
+            _metrics.Family(
+                "mpchan_pool_tasks_completed_total",
+                "counter",
+                "Tasks that returned a result",
+                [(labels, counts["completed"] - raised)],
+            ),
+            _metrics.Family(
+                "mpchan_pool_tasks_failed_total",
+                "counter",
+                "Tasks that failed: raised, worker crashed or timed out",
+                [(labels, failed)],
+            ),
+            _metrics.Family(
+                "mpchan_pool_queue_depth",
+                "gauge",
+                "Tasks waiting for a worker",
+                [(labels, depth)],
+            ),
+            _metrics.Family(
+                "mpchan_pool_workers", "gauge", "Worker processes of the pool", [(labels, workers)]
+            ),
+        ]
 
     def __enter__(self) -> Pool:
         return self
@@ -761,10 +807,13 @@ class Pool(Executor):
                 where = f"pool worker {wid} running {task.name}"
                 value = decode_reply(bytes(reply), where=where)
         except BaseException as e:
+            self._raised += 1
             drop_local_tracebacks(e)
             with contextlib.suppress(InvalidStateError):
                 fut.set_exception(e)
             return
+        if task.kind != CALL and value[1] is not None:
+            self._raised += 1  # a map chunk that stopped at an exception
         with contextlib.suppress(InvalidStateError):
             fut.set_result(value)
 
@@ -995,6 +1044,7 @@ def _take_all(pending: deque[Task]) -> list[Task]:
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_pool_ids = itertools.count(1)  # the "pool" label of the metrics
 _EXIT_GRACE = 5.0
 
 

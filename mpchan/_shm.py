@@ -5,7 +5,12 @@ Layout on disk (Linux: ``/dev/shm``; elsewhere the temp directory)::
     mpchan-<session>-c<id>            a channel segment (header + ring)
     mpchan-<session>-c<id>-b<slot>-<gen>   a reusable out-of-band payload slot
     mpchan-<session>-c<id>-e<rand>    a one-off out-of-band payload
+    mpchan-<session>-x<id>            a context node (a segment like a channel's)
+    mpchan-<session>-w<id>            a WaitGroup counter (likewise)
 
+The letter before ``<id>`` is the segment's kind (``segment_kind``), so a
+snapshot of the program (``mpchan.stats()``) can tell channels from the
+contexts and wait groups built on the same segment layout.
 ``<session>`` is a random token shared by every process of one program (the
 root process creates it and passes it on in ``MPCHAN_SESSION``); ``<id>`` and
 ``<rand>`` are random too, so names are unguessable. Files are created with
@@ -46,9 +51,24 @@ from typing import Any
 from . import _core
 from ._compat import IS_LINUX, SHM_DIR
 
-__all__ = ["Segment", "create_segment", "open_segment", "session_token", "shm_path"]
+__all__ = [
+    "CHANNEL",
+    "CONTEXT",
+    "WAITGROUP",
+    "Segment",
+    "create_segment",
+    "mapped_segments",
+    "open_segment",
+    "segment_kind",
+    "session_token",
+    "shm_path",
+]
 
 PREFIX = "mpchan-"
+# Segment kinds: the letter that starts a segment's own part of its name.
+CHANNEL = "c"
+CONTEXT = "x"
+WAITGROUP = "w"
 _ENV = "MPCHAN_SESSION"
 
 _lock = threading.Lock()
@@ -262,15 +282,18 @@ def _detach(name: str, core: Any, blob_maps: dict[str, mmap.mmap]) -> None:
     core.unmap()
 
 
-def create_segment(capacity: int, ring_size: int, hard_span: int = 0) -> Segment:
+def create_segment(
+    capacity: int, ring_size: int, hard_span: int = 0, *, kind: str = CHANNEL
+) -> Segment:
     """Create, initialise and map a new channel segment.
 
     ``hard_span`` (0: the ring shared by the capacity) bounds the ring bytes
     kept free for each message the capacity allows (see ``_core``).
+    ``kind`` (``CHANNEL``, ``CONTEXT`` or ``WAITGROUP``) goes into the name.
 
     Blocks: never.  Process safety: any thread of any process.
     """
-    name = new_name("c")
+    name = new_name(kind)
     size = _core.HDR_SIZE + ring_size
     fd = create_file(name, size)
     try:
@@ -319,6 +342,23 @@ def open_segment(name: str) -> Segment:
         os.close(fd)
     core.attach(os.getpid())
     return _make_segment(name, core)
+
+
+def segment_kind(name: str) -> str:
+    """The kind letter of segment ``name`` (``CHANNEL``, ``CONTEXT``, ...). Never blocks."""
+    rest = name[len(PREFIX) :].partition("-")[2]
+    return rest[:1]
+
+
+def mapped_segments() -> list[Segment]:
+    """A snapshot of every segment this process maps now.
+
+    Never blocks (beyond a short lock).  Process safety: any thread.
+    """
+    me = os.getpid()
+    with _lock:
+        segs = list(_registry.values())
+    return [s for s in segs if s.pid == me]
 
 
 def _after_fork_in_child() -> None:

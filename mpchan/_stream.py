@@ -29,6 +29,15 @@ Invariants:
     - memory is bounded end to end: every channel has a capacity, the feeder
       blocks on a full first channel and reads the source lazily.
 
+Tracing (``stream(..., _trace=True)``, used by ``mpchan run --trace``):
+each stage worker records (start, end, outcome) of every item it runs,
+from ``time.monotonic()`` (system-wide, so the processes' times compare),
+at most ``_TRACE_LIMIT`` a worker (the rest are counted as dropped), and
+sends them on one trace channel (capacity: one message per worker, so the
+send never waits) as it ends -- also when it fails or is cancelled.  The
+consumer takes them after joining the workers.  Without tracing the
+workers get no channel and record nothing.
+
 Ownership:
     - the pipeline context (``with_cancel(ctx)``) is cancelled by whoever
       fails first (a stage worker calls the picklable cancel before it
@@ -51,9 +60,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import _metrics
 from ._channel import Channel
 from ._context import CancelFunc, Context, background, with_cancel
-from ._errors import Cancelled, ChannelClosed, EndOfChannel, TaskTimeout
+from ._errors import Cancelled, ChannelClosed, EndOfChannel, TaskTimeout, WouldBlock
 from ._go import GoHandle, go
 from ._sync import WaitGroup
 
@@ -67,6 +77,11 @@ _MAX_CHUNK = 16  # largest adaptive chunk (items sent together)
 _DRAIN_CHECK_S = 0.05  # a feeder blocked on a full stage looks for a drain this often
 _KILL_AFTER_S = 0.5  # grace between a hard cancel and SIGKILL of busy workers
 _MAX_FAILURES = 100  # failed items kept per worker with on_error="skip"
+_TRACE_LIMIT = 500_000  # trace events kept per worker (about 100 bytes each)
+
+# One traced item: (start, end) from time.monotonic(), outcome ("ok",
+# "skipped" or "error"), and the error ("Type: message") or None.
+TraceEvent = tuple[float, float, str, str | None]
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,31 @@ def _call(stage: _Stage, item: Any) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+class _Recorder:
+    """Trace events of one stage worker, bounded by ``_TRACE_LIMIT``."""
+
+    __slots__ = ("dropped", "events")
+
+    def __init__(self) -> None:
+        self.events: list[TraceEvent] = []
+        self.dropped = 0
+
+    def add(self, start: float, outcome: str, error: str | None = None) -> None:
+        end = time.monotonic()
+        if len(self.events) < _TRACE_LIMIT:
+            self.events.append((start, end, outcome, error))
+        else:
+            self.dropped += 1
+
+    def send(self, ch: Channel, index: int) -> None:
+        # Never blocks (one message a worker fits the capacity) and never
+        # raises: a lost trace must not hide the worker's own outcome.
+        with contextlib.suppress(Exception):
+            ch.send_nowait(
+                {"stage": index, "pid": os.getpid(), "events": self.events, "dropped": self.dropped}
+            )
+
+
 def _stage_main(
     stage: _Stage,
     index: int,
@@ -143,15 +183,19 @@ def _stage_main(
     ctx: Context,
     cancel: CancelFunc,
     keep_empty: bool,
+    trace_ch: Channel | None = None,
 ) -> dict[str, Any]:
     """One worker of one stage: receive chunks, apply the stage, send results on.
 
     Runs in a worker process (``mpchan.go``); returns its counters. An
     exception from the user function (``on_error="fail"``) cancels the
     pipeline, then propagates with its traceback; a cancelled pipeline ends
-    the worker quietly.
+    the worker quietly. With ``trace_ch`` it records every item it runs
+    and sends the record there as it ends, however it ends.
     """
     perf = time.perf_counter
+    clock = time.monotonic
+    rec = _Recorder() if trace_ch is not None else None
     st: dict[str, Any] = {
         "items_in": 0,
         "items_out": 0,
@@ -214,6 +258,7 @@ def _stage_main(
             out = []
             for item in items:
                 ctx.check()
+                started = 0.0 if rec is None else clock()
                 try:
                     value = _call(stage, item)
                 except Exception as exc:
@@ -221,9 +266,15 @@ def _stage_main(
                         st["failed"] += 1
                         if len(st["failures"]) < _MAX_FAILURES:
                             st["failures"].append((_short_repr(item), _describe(exc)))
+                        if rec is not None:
+                            rec.add(started, "skipped", _describe(exc))
                         continue
+                    if rec is not None:
+                        rec.add(started, "error", _describe(exc))
                     cancel(("error", index, os.getpid()))
                     raise
+                if rec is not None:
+                    rec.add(started, "ok")
                 if kind == "map":
                     out.append(value)
                 elif kind == "filter":
@@ -250,6 +301,8 @@ def _stage_main(
         cancel(("error", index, os.getpid()))
         raise
     finally:
+        if rec is not None and trace_ch is not None:
+            rec.send(trace_ch, index)
         wg.done()
         if wg.count == 0:
             out_ch.close()
@@ -289,20 +342,27 @@ class Stream:
         ctx: Context | None = None,
         chunksize: int | None = None,
         stages: tuple[_Stage, ...] = (),
+        _trace: bool = False,
     ) -> None:
+        # _trace (internal): record every item's run (see _trace_records)
         if ctx is not None and not isinstance(ctx, Context):
             raise TypeError(f"ctx must be a Context, not {type(ctx).__name__}")
         self._source = source
         self._ctx = ctx
         self._chunksize = None if chunksize is None else _check_count("chunksize", chunksize, 1)
         self._stages = stages
+        self._trace = bool(_trace)
         self._run: _Run | None = None
 
     # -- building ------------------------------------------------------------
 
     def _add(self, stage: _Stage) -> Stream:
         return Stream(
-            self._source, ctx=self._ctx, chunksize=self._chunksize, stages=(*self._stages, stage)
+            self._source,
+            ctx=self._ctx,
+            chunksize=self._chunksize,
+            stages=(*self._stages, stage),
+            _trace=self._trace,
         )
 
     def _stage(
@@ -403,7 +463,9 @@ class Stream:
             raise RuntimeError("a stream runs once")
         if not self._stages:
             raise ValueError("a stream needs at least one stage (map, filter, flat_map, batch)")
-        run = self._run = _Run(self._source, self._ctx, self._chunksize, self._stages)
+        run = self._run = _Run(
+            self._source, self._ctx, self._chunksize, self._stages, trace=self._trace
+        )
         try:
             yield from run.results()
         finally:
@@ -458,6 +520,14 @@ class Stream:
         100 per worker; ``stats()`` counts all). Never blocks."""
         return [] if self._run is None else list(self._run.failures)
 
+    def _trace_records(self) -> list[dict[str, Any]]:
+        """Internal (``mpchan run --trace``): with ``_trace=True``, once the
+        run is over, one dict per stage worker that reported: ``stage``
+        (index), ``pid``, ``events`` (:data:`TraceEvent` tuples, times from
+        ``time.monotonic()``), ``dropped`` (events past the limit). A worker
+        killed before it could report is missing. Never blocks."""
+        return [] if self._run is None else list(self._run.trace)
+
 
 def _empty_stats(index: int, stage: _Stage) -> dict[str, Any]:
     return {
@@ -483,8 +553,11 @@ class _Run:
         ctx: Context | None,
         chunksize: int | None,
         stages: tuple[_Stage, ...],
+        *,
+        trace: bool = False,
     ) -> None:
         self.stages = stages
+        self.id = str(next(_run_ids))
         self.ordered = any(s.ordered for s in stages)
         self.window = sum(s.workers * 2 + s.capacity for s in stages) + 8
         self.chunksize = chunksize  # None: adaptive, see _feed
@@ -501,6 +574,9 @@ class _Run:
         self._collected: set[int] = set()
         self.chans = [Channel(s.capacity) for s in stages]
         self.chans.append(Channel(stages[-1].capacity))
+        # one message from each worker at its end: sending it never waits
+        self.trace_ch = Channel(sum(s.workers for s in stages)) if trace else None
+        self.trace: list[dict[str, Any]] = []
         self.handles: list[tuple[int, GoHandle[dict[str, Any]]]] = []
         self._it = iter(source)
         try:
@@ -518,11 +594,13 @@ class _Run:
                         self.ctx,
                         self._cancel,
                         self.ordered,
+                        self.trace_ch,
                     )
                     self.handles.append((i, h))
         except BaseException:
             self.close()
             raise
+        _metrics.register(self, _Run._metric_families)
         self._feeder = threading.Thread(target=self._feed, name="mpchan-stream-feeder", daemon=True)
         self._feeder.start()
 
@@ -667,6 +745,8 @@ class _Run:
         self._join_workers()
         if self._feeder_alive():
             self._feeder.join(timeout=1.0)
+        _metrics.unregister(self)
+        self._take_trace()
         chans, self.chans = self.chans, []
         while chans:
             chans.pop().close()
@@ -680,6 +760,53 @@ class _Run:
             traceback.clear_frames(self.source_error.__traceback__)
         if error is not None:
             raise error
+
+    def _take_trace(self) -> None:
+        # Every worker has ended: what they sent is all there is.
+        ch, self.trace_ch = self.trace_ch, None
+        if ch is None:
+            return
+        for _ in range(ch.capacity):
+            try:
+                self.trace.append(ch.recv_nowait())
+            except (WouldBlock, EndOfChannel):
+                break
+            except Exception:
+                continue  # a record that does not unpickle is lost, not the others
+        ch.close()
+
+    def _metric_families(self) -> list[_metrics.Family]:
+        # A metrics source (see _metrics.register): per stage, its input channel.
+        chans = list(self.chans)
+        queued: list[tuple[dict[str, str], float]] = []
+        capacity: list[tuple[dict[str, str], float]] = []
+        received: list[tuple[dict[str, str], float]] = []
+        for i, (stage, ch) in enumerate(zip(self.stages, chans, strict=False)):
+            labels = {"stream": self.id, "stage": str(i), "fn": stage.name}
+            st = ch.stats()
+            queued.append((labels, st["len"]))
+            capacity.append((labels, st["capacity"]))
+            received.append((labels, st["received"]))
+        return [
+            _metrics.Family(
+                "mpchan_stream_stage_queue_length",
+                "gauge",
+                "Chunks waiting in the stage's input channel",
+                queued,
+            ),
+            _metrics.Family(
+                "mpchan_stream_stage_queue_capacity",
+                "gauge",
+                "Capacity of the stage's input channel, in chunks",
+                capacity,
+            ),
+            _metrics.Family(
+                "mpchan_stream_stage_chunks_received_total",
+                "counter",
+                "Chunks the stage's workers took from their input channel",
+                received,
+            ),
+        ]
 
     def _feeder_alive(self) -> bool:
         feeder = getattr(self, "_feeder", None)
@@ -737,14 +864,23 @@ def _no_cancel(cause: Any = None) -> None:
     del cause
 
 
+_run_ids = itertools.count(1)  # the "stream" label of the metrics
+
+
 def stream(
-    iterable: Iterable[Any], *, ctx: Context | None = None, chunksize: int | None = None
+    iterable: Iterable[Any],
+    *,
+    ctx: Context | None = None,
+    chunksize: int | None = None,
+    _trace: bool = False,
 ) -> Stream:
     """Start building a pipeline over ``iterable`` (read lazily, in this process).
 
     ``chunksize`` items travel together between stages (fewer channel
     operations for tiny items). ``None`` (default) adapts: one item at a
     time while the stages keep up, chunks of up to 16 while they are behind.
+    ``_trace`` (internal, for ``mpchan run --trace``): stage workers record
+    every item they run (see ``Stream._trace_records``).
     Never blocks; see :class:`Stream`.
     """
-    return Stream(iterable, ctx=ctx, chunksize=chunksize)
+    return Stream(iterable, ctx=ctx, chunksize=chunksize, _trace=_trace)

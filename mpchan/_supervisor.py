@@ -23,6 +23,11 @@ Data flow::
                   thread reading the read end; EOF (supervisor gone,
                   SIGKILL included) -> os._exit in the worker.
 
+    metrics:      Supervisor(metrics_port=P) owns a MetricsServer (_metrics):
+                  thread "mpchan-metrics" answers GET 127.0.0.1:P/metrics
+                  with every registered source (this supervisor's workers
+                  by state among them) until shutdown closes and joins it.
+
 Invariants:
     * ``_workers`` holds every started process that has not been reaped
       (joined) yet, in exactly one state: ``held`` (acquired, no task),
@@ -50,6 +55,9 @@ Ownership:
       worker processes and closes their connections and death-watch ends.
     * The idle timeout is enforced by the supervisor thread alone; workers
       never time out on their own (that would race with ``acquire``).
+    * The metrics server (if any) is started by ``__init__`` before any
+      other resource and closed by ``shutdown`` (after the workers are
+      gone), which joins its threads.
 
 Lock order: ``_shutdown_lock`` before ``_lock``; ``_fork_lock`` before ``_lock``.
 """
@@ -73,7 +81,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import _compat, _shm
+from . import _compat, _metrics, _shm
 from ._errors import ShutdownError, WorkerCrashed
 from ._worker import DEATHWATCH_THREAD_NAME, ORPHANED_EXITCODE, QUIT, worker_main
 
@@ -87,6 +95,7 @@ __all__ = [
 
 THREAD_NAME = "mpchan-infra-supervisor"
 START_METHODS = ("spawn", "forkserver", "fork")
+WORKER_STATES = ("held", "busy", "idle", "retiring", "lost")
 DEFAULT_IDLE_TIMEOUT = 10.0
 # Grace period between SIGTERM and SIGKILL when shutdown(timeout=None).
 DEFAULT_SHUTDOWN_GRACE = 5.0
@@ -168,6 +177,13 @@ class Supervisor:
     ``max_idle`` bounds the warm cache (default ``os.cpu_count()``);
     ``idle_timeout`` is how long a cached worker stays idle before it is told
     to exit (default 10 s, or ``MPCHAN_IDLE_TIMEOUT``).
+
+    ``metrics_port`` serves the program's metrics in the Prometheus text
+    format at ``http://127.0.0.1:PORT/metrics`` until :meth:`shutdown`
+    (0: any free port, see :attr:`metrics_address`); a port outside
+    0..65535 raises ValueError, one that cannot be bound OSError. While
+    the server runs, ``"fork"`` starts fall back to ``"forkserver"`` like
+    any start made while another thread is alive.
     """
 
     def __init__(
@@ -176,6 +192,7 @@ class Supervisor:
         *,
         max_idle: int | None = None,
         idle_timeout: float | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         method = start_method or _compat.default_start_method()
         if method not in START_METHODS:
@@ -193,6 +210,11 @@ class Supervisor:
         # Workers must inherit the program's shared-memory session (and a
         # forkserver its environment), so it exists before any process starts.
         _shm.session_token()
+        # First of all resources: when the port cannot be bound, nothing
+        # else was made that would need undoing.
+        self._metrics_server = (
+            None if metrics_port is None else _metrics.MetricsServer(metrics_port)
+        )
         self._start_method = method
         self._max_idle = max_idle
         self._idle_timeout = float(idle_timeout)
@@ -210,6 +232,7 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
         _live_supervisors.add(self)
+        _metrics.register(self, Supervisor._metric_families)
 
     # -- properties -----------------------------------------------------------
 
@@ -232,6 +255,13 @@ class Supervisor:
     def closed(self) -> bool:
         """True once shutdown began. Never blocks."""
         return self._closed
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` the metrics are served on, or None without
+        ``metrics_port`` (or after shutdown). Never blocks."""
+        server = self._metrics_server
+        return None if server is None or server.closed else server.address
 
     # -- acquiring and releasing ----------------------------------------------
 
@@ -349,6 +379,17 @@ class Supervisor:
                 "workers": workers,
             }
 
+    def _metric_families(self) -> list[_metrics.Family]:
+        # A metrics source (see _metrics.register): workers by state.
+        with self._lock:
+            states = [w.state for w in self._workers.values()]
+        samples = [({"state": s}, float(states.count(s))) for s in WORKER_STATES]
+        return [
+            _metrics.Family(
+                "mpchan_workers", "gauge", "Worker processes of the program by state", samples
+            )
+        ]
+
     # -- shutdown -------------------------------------------------------------
 
     def shutdown(self, timeout: float | None = None) -> None:
@@ -360,7 +401,8 @@ class Supervisor:
         killed with SIGKILL. Every process is reaped before this returns.
 
         Blocks: until every worker process has exited (at most about
-        ``timeout`` plus the time SIGKILL takes).
+        ``timeout`` plus the time SIGKILL takes), then until the metrics
+        server (if any) has answered the scrapes in progress and stopped.
         Cancellation: none; later calls to ``acquire``/``run`` raise
         :class:`ShutdownError`. A concurrent second call waits for the first.
         Process safety: any thread, including a Future callback.
@@ -411,6 +453,8 @@ class Supervisor:
             with self._lock:
                 self._workers.clear()
             _live_supervisors.discard(self)
+            if self._metrics_server is not None:
+                self._metrics_server.close()
         self._close_wake_pipe()
 
     # -- internals --------------------------------------------------------------

@@ -31,7 +31,7 @@ class WaitGroup:
     __slots__ = ("__weakref__", "_core", "_seg")
 
     def __init__(self) -> None:
-        self._seg = _shm.create_segment(0, _RING)
+        self._seg = _shm.create_segment(0, _RING, kind=_shm.WAITGROUP)
         self._core = self._seg.core
 
     @classmethod

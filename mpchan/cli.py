@@ -1,5 +1,6 @@
 """The ``mpchan`` command line (edge module: uses the public API, plus the
-supervisor setter for ``--start-method`` until there is a public one).
+supervisor setter for ``--start-method``/``--metrics-port`` until there is a
+public one, and the stream's internal trace option for ``--trace``).
 
 Commands::
 
@@ -167,12 +168,48 @@ def _progress_bar(enabled: bool | None, total: int | None) -> Any:
     return tqdm(total=total, file=sys.stderr, unit="item", dynamic_ncols=True)
 
 
-def _use_start_method(method: str | None) -> None:
-    if method is None:
+def _use_supervisor(method: str | None, metrics_port: int | None) -> None:
+    """Install the program's supervisor when an option configures it."""
+    if method is None and metrics_port is None:
         return
     from mpchan import _supervisor  # no public setter for the program's supervisor yet
 
-    _supervisor.set_supervisor(_supervisor.Supervisor(start_method=method))
+    try:
+        sup = _supervisor.Supervisor(start_method=method, metrics_port=metrics_port)
+    except (OSError, ValueError) as exc:
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+        raise _BadUsage(f"--metrics-port {metrics_port}: {reason}") from None
+    _supervisor.set_supervisor(sup)
+    if sup.metrics_address is not None:
+        host, port = sup.metrics_address
+        click.echo(f"mpchan run: metrics on http://{host}:{port}/metrics", err=True)
+
+
+def _open_trace(path: str | None) -> IO[str] | None:
+    if path is None:
+        return None
+    from mpchan import _trace
+
+    try:
+        return _trace.open_trace(path)
+    except OSError as exc:
+        raise _BadUsage(f"--trace: cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _write_trace(
+    fh: IO[str], path: str, records: list[dict[str, Any]], labels: list[str], start: float
+) -> bool:
+    """Write what the run recorded; False (and one line on stderr) if that fails."""
+    from mpchan import _trace
+
+    other = {"generator": f"mpchan {_version()}", "command": ["mpchan", *sys.argv[1:]]}
+    try:
+        with fh:
+            _trace.write_trace(fh, records, labels, start=start, other=other)
+    except OSError as exc:
+        click.echo(f"mpchan run: cannot write the trace to {path}: {exc}", err=True)
+        return False
+    return True
 
 
 @cli.command(name="run")
@@ -216,6 +253,18 @@ def _use_start_method(method: str | None) -> None:
     type=click.Choice(["spawn", "forkserver", "fork"]),
     help="How worker processes start.",
 )
+@click.option(
+    "--trace",
+    "trace_file",
+    metavar="FILE",
+    help="Write a trace of every item (Chrome trace-event JSON: Perfetto, chrome://tracing).",
+)
+@click.option(
+    "--metrics-port",
+    type=int,
+    metavar="P",
+    help="Serve Prometheus metrics on http://127.0.0.1:P/metrics (0: a free port).",
+)
 def run(
     funcs: tuple[str, ...],
     input_file: str | None,
@@ -230,6 +279,8 @@ def run(
     on_error: str,
     progress: bool | None,
     start_method: str | None,
+    trace_file: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Apply MODULE:FUNC to every input item in parallel; several form a pipeline.
 
@@ -253,6 +304,8 @@ def run(
             on_error,
             progress,
             start_method,
+            trace_file,
+            metrics_port,
         )
     except _BadUsage as exc:
         click.echo(f"mpchan run: error: {exc}", err=True)
@@ -274,6 +327,8 @@ def _run(
     on_error: str,
     progress: bool | None,
     start_method: str | None,
+    trace_file: str | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     cwd = os.getcwd()
     if not sys.path or sys.path[0] != cwd:
@@ -284,6 +339,8 @@ def _run(
     stages = [_resolve(spec, default_workers) for spec in funcs]
     if range_text is not None and input_file is not None:
         raise _BadUsage("give either --range or --input, not both")
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise _BadUsage(f"--metrics-port {metrics_port}: expected a port number from 0 to 65535")
 
     import mpchan
 
@@ -307,12 +364,21 @@ def _run(
             out_fh = open(output_file, "w", encoding="utf-8")  # noqa: SIM115 - closed below
         except OSError as exc:
             raise _BadUsage(f"cannot write {output_file}: {exc.strerror or exc}") from None
-    _use_start_method(start_method)
+    trace_fh: IO[str] | None = None
+    try:
+        trace_fh = _open_trace(trace_file)
+        _use_supervisor(start_method, metrics_port)
+    except BaseException:
+        for fh in (in_fh, trace_fh, out_fh if out_fh is not sys.stdout else None):
+            if fh is not None:
+                fh.close()
+        raise
 
     outcome: dict[str, Any] = {}
+    labels = [label for label, _fn, _n in stages]
 
     def job(ctx: Any) -> None:
-        s = mpchan.stream(source, ctx=ctx, chunksize=chunksize)
+        s = mpchan.stream(source, ctx=ctx, chunksize=chunksize, _trace=trace_fh is not None)
         last = len(stages) - 1
         for i, (_label, fn, n) in enumerate(stages):
             s = s.map(
@@ -337,6 +403,8 @@ def _run(
         finally:
             if bar is not None:
                 bar.close()
+            # what the workers recorded, also when the run failed or was cut short
+            outcome["trace"] = s._trace_records()
         stats = s.stats()
         failed = sum(st["failed"] for st in stats)
         if failed:
@@ -352,6 +420,7 @@ def _run(
         elif ctx.err() is not None:
             click.echo(f"mpchan run: cancelled; {writer.count} result(s) written", err=True)
 
+    start = time.monotonic()
     try:
         status = mpchan.main(job)
     finally:
@@ -360,6 +429,12 @@ def _run(
         if out_fh is not sys.stdout:
             out_fh.close()
         mpchan.shutdown()
+        if trace_fh is not None:
+            traced = _write_trace(
+                trace_fh, str(trace_file), outcome.get("trace", []), labels, start
+            )
+    if trace_fh is not None and not traced and status == 0:
+        status = 1
     if "usage" in outcome and status in (0, 1):
         raise outcome["usage"]
     if "pipe" in outcome and status in (0, 1):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -148,6 +153,8 @@ def test_retries_and_timeout_options_are_accepted(jobs: Path) -> None:
         (["jobs:double", "--input", "/nonexistent/file.txt"], "cannot read"),
         (["jobs:double", "--output", "/nonexistent/dir/out.txt", "--range", "0:3"], "cannot write"),
         (["jobs:double", "--range", "0:3", "--input", "x"], "either --range or --input"),
+        (["jobs:double", "--range", "0:3", "--metrics-port", "70000"], "from 0 to 65535"),
+        (["jobs:double", "--range", "0:3", "--trace", "/nonexistent/t.json"], "--trace: cannot"),
     ],
 )
 def test_bad_usage_is_one_line_and_status_2(jobs: Path, args: list[str], message: str) -> None:
@@ -329,3 +336,152 @@ def test_reader_going_away_ends_quietly(jobs: Path) -> None:
         p.stderr.close()
     assert p.returncode == 128 + signal.SIGPIPE, err
     assert b"Traceback" not in err
+
+
+# --------------------------------------------------------------------------- observability
+
+
+def _load_trace(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, str]]:
+    """(the whole document, its task events, process name by pid)."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    assert doc["displayTimeUnit"] == "ms"
+    events = doc["traceEvents"]
+    tasks = [e for e in events if e["ph"] == "X"]
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e["ph"] == "M" and e["name"] == "process_name"
+    }
+    return doc, tasks, names
+
+
+def test_trace_has_one_event_per_item_per_stage(jobs: Path) -> None:
+    trace = jobs / "run.json"
+    p = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mpchan", "run", "jobs:double@2", "jobs:picky@2"),
+            *("--range", "0:50", "--on-error", "skip", "--trace", str(trace), "--no-progress"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=jobs,
+        env=_env(),
+    )
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    # picky(2x) fails for every x divisible by 3
+    assert out.splitlines() == [str(2 * x) for x in range(50) if x % 3]
+    doc, tasks, names = _load_trace(trace)
+    assert doc["otherData"]["dropped_events"] == 0
+    by_stage: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    for e in tasks:
+        assert e["cat"] == "task"
+        assert e["ts"] >= 0 and e["dur"] >= 0
+        assert e["tid"] == e["args"]["stage"]
+        by_stage[e["args"]["stage"]].append(e)
+    assert len(by_stage[1]) == 50 and len(by_stage[2]) == 50
+    assert {e["name"] for e in by_stage[1]} == {"jobs:double"}
+    assert {e["name"] for e in by_stage[2]} == {"jobs:picky"}
+    assert all(e["args"]["outcome"] == "ok" for e in by_stage[1])
+    outcomes = sorted(e["args"]["outcome"] for e in by_stage[2])
+    assert outcomes == ["ok"] * 33 + ["skipped"] * 17
+    errors = {e["args"]["error"] for e in by_stage[2] if e["args"]["outcome"] == "skipped"}
+    assert errors == {f"ValueError: no multiples of three: {2 * x}" for x in range(0, 50, 3)}
+    # every event comes from a named worker process of its stage, not from mpchan run
+    pids = {s: {e["pid"] for e in evs} for s, evs in by_stage.items()}
+    assert p.pid not in pids[1] | pids[2]
+    assert not pids[1] & pids[2]
+    assert 1 <= len(pids[1]) <= 2 and 1 <= len(pids[2]) <= 2
+    for pid in pids[1]:
+        assert names[pid] == "stage 1 worker: jobs:double"
+    for pid in pids[2]:
+        assert names[pid] == "stage 2 worker: jobs:picky"
+    # a worker's items follow one another on its lane
+    for evs in by_stage.values():
+        for pid in {e["pid"] for e in evs}:
+            lane = sorted((e["ts"], e["dur"]) for e in evs if e["pid"] == pid)
+            for (t0, d0), (t1, _d1) in itertools.pairwise(lane):
+                assert t0 + d0 <= t1 + 1  # microseconds, rounded
+
+
+def test_trace_is_written_when_the_run_fails(jobs: Path) -> None:
+    trace = jobs / "failed.json"
+    r = mpchan_run("jobs:picky", "--range", "1:30", "--trace", str(trace), cwd=jobs)
+    assert r.returncode == 1
+    _doc, tasks, _names = _load_trace(trace)
+    outcomes = [e["args"]["outcome"] for e in tasks]
+    assert "error: ValueError: no multiples of three: 3" in outcomes
+    assert all(o == "ok" or o.startswith("error: ValueError") for o in outcomes)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            body: bytes = resp.read()
+            return body.decode()
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def test_metrics_port_serves_while_it_runs(jobs: Path) -> None:
+    port = _free_port()
+    p = _start(["jobs:slow@2", "--range", "0:100000", "--metrics-port", str(port)], jobs)
+    try:
+        # poll until the endpoint answers with the pipeline's stage metrics
+        text = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and p.poll() is None:
+            text = _scrape(port)
+            if text is not None and "mpchan_stream_stage_chunks_received_total" in text:
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "mpchan run ended before it was scraped"
+        assert text is not None, "the metrics endpoint never answered"
+        kids = _tree(p.pid)
+        os.kill(p.pid, signal.SIGINT)
+        _out, err = _communicate(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in err
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, val = line.rpartition(" ")
+            samples[name] = float(val)
+    assert samples['mpchan_workers{state="busy"}'] >= 2
+    received = [
+        v
+        for k, v in samples.items()
+        if k.startswith("mpchan_stream_stage_chunks_received_total{")
+        and 'fn="map(slow)"' in k
+        and 'stage="0"' in k
+    ]
+    assert len(received) == 1 and received[0] >= 0
+    assert "# TYPE mpchan_stream_stage_chunks_received_total counter" in text
+    # the server went with the program
+    assert _scrape(port) is None
+    _gone, alive = psutil.wait_procs(kids, timeout=5)
+    assert not alive, alive
+
+
+def test_metrics_port_in_use_is_status_2(jobs: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = mpchan_run("jobs:double", "--range", "0:3", "--metrics-port", str(port), cwd=jobs)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert f"--metrics-port {port}: cannot serve metrics on 127.0.0.1:{port}" in lines[0]
+    assert r.stdout == ""

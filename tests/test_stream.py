@@ -288,3 +288,28 @@ def test_unpicklable_result_fails_the_stream() -> None:
     s = mpchan.stream(itertools.count()).map(unpicklable, workers=2).map(square)
     with pytest.raises(mpchan.SerializationError):
         s.collect()
+
+
+def test_trace_records_every_item_also_when_the_run_fails() -> None:
+    plain = mpchan.stream(range(5)).map(square)
+    assert sorted(plain.collect()) == [0, 1, 4, 9, 16]
+    assert plain._trace_records() == []  # not asked for: nothing recorded
+
+    before = time.monotonic()
+    s = (
+        mpchan.stream(range(40), chunksize=1, _trace=True)
+        .map(square, workers=2)
+        .map(square)
+        .map(fail_on_13)
+    )
+    with pytest.raises(ValueError, match="unlucky"):
+        s.collect()
+    records = s._trace_records()
+    assert {r["stage"] for r in records} <= {0, 1, 2}
+    assert all(r["pid"] != os.getpid() and r["dropped"] == 0 for r in records)
+    events = [(r["stage"], *e) for r in records for e in r["events"]]
+    assert all(before <= t0 <= t1 <= time.monotonic() for _s, t0, t1, _o, _e in events)
+    # the failing worker reported too: its last item is the error that stopped the run
+    errors = [(st, o, e) for st, _t0, _t1, o, e in events if o != "ok"]
+    assert errors == [(2, "error", f"ValueError: unlucky {13**4}")]
+    assert sum(st == 0 for st, *_rest in events) >= 14  # 0..13 at least went through stage 0
