@@ -226,6 +226,7 @@ class Supervisor:
         self._workers: dict[int, Worker] = {}
         self._idle: list[Worker] = []  # a stack: the most recently used is reused first
         self._closed = False
+        self._previous: Supervisor | None = None  # the program's, while in a with block
         self._stopping = False  # tells the supervisor thread to leave
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -389,6 +390,30 @@ class Supervisor:
                 "mpchan_workers", "gauge", "Worker processes of the program by state", samples
             )
         ]
+
+    # -- the program's supervisor ---------------------------------------------
+
+    def __enter__(self) -> Supervisor:
+        """Make this the program's supervisor until the block ends.
+
+        ``go``, ``Pool``, ``Group`` and ``stream`` started in the block use
+        it (its start method, cache and ``metrics_port``). Never blocks.
+        """
+        self._previous = set_supervisor(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Shut this supervisor down and give the program back its previous one.
+
+        Blocks: until this supervisor's workers have exited (see ``shutdown``).
+        Cancellation: none. Process safety: the thread that entered the block.
+        """
+        global _default
+        with _default_lock:
+            if _default is self:
+                _default = self._previous
+        self._previous = None
+        self.shutdown()
 
     # -- shutdown -------------------------------------------------------------
 

@@ -311,3 +311,17 @@ def test_ctrl_c_gives_one_traceback_not_one_per_worker(method: str) -> None:
             proc.kill()
             proc.wait()
         gate.remove_socket(info["gate"])
+
+
+def test_with_block_makes_it_the_programs_supervisor_until_the_end() -> None:
+    previous = _supervisor.set_supervisor(None)
+    try:
+        with _supervisor.Supervisor(start_method="fork") as sup:
+            assert _supervisor.get_supervisor() is sup
+            pid = _go.go(getpid).result(timeout=30)
+            assert pid in sup.pids()
+        assert sup.closed
+        assert _supervisor._default is None  # the previous one (none) is back
+        assert wait_until(lambda: gone(pid), 10)
+    finally:
+        _supervisor.set_supervisor(previous)
