@@ -51,6 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, TypeVar
 
 from . import _shm
+from ._channel import core_stats
 
 __all__ = [
     "CONTENT_TYPE",
@@ -146,21 +147,10 @@ def _channel_rows() -> tuple[list[dict[str, Any]], int]:
         if kind != _shm.CHANNEL:
             continue
         try:
-            count, cap, sent, received, bs, br, closed, _rec = seg.core.stats()
+            row = core_stats(seg.core)
         except (ValueError, OSError):  # detached meanwhile
             continue
-        channels.append(
-            {
-                "name": seg.name,
-                "len": 0 if cap == 0 else int(count),
-                "capacity": int(cap),
-                "sent": int(sent),
-                "received": int(received),
-                "blocked_senders": int(bs),
-                "blocked_receivers": int(br),
-                "closed": bool(closed),
-            }
-        )
+        channels.append({"name": seg.name, **row})
     return channels, contexts
 
 

@@ -100,26 +100,6 @@ def with_label(samples: Samples, name: str, key: str, val: str) -> list[float]:
     return [v for (n, labels), v in samples.items() if n == name and (key, val) in labels]
 
 
-@pytest.fixture
-def metrics_sup(mpchan_leak_check: None) -> Iterator[Callable[..., _supervisor.Supervisor]]:
-    """Make supervisors (installed as the program's one); shut all down after the test."""
-    made: list[_supervisor.Supervisor] = []
-    previous = _supervisor.set_supervisor(None)
-
-    def make(**kwargs: Any) -> _supervisor.Supervisor:
-        sup = _supervisor.Supervisor(**kwargs)
-        made.append(sup)
-        _supervisor.set_supervisor(sup)
-        return sup
-
-    try:
-        yield make
-    finally:
-        for sup in made:
-            sup.shutdown(timeout=2)
-        _supervisor.set_supervisor(previous)
-
-
 # --------------------------------------------------------------------------- mpchan.stats()
 
 
@@ -164,9 +144,9 @@ def test_stats_lists_channels_and_contexts_and_starts_nothing() -> None:
 
 
 def test_stats_reports_the_program_supervisor(
-    metrics_sup: Callable[..., _supervisor.Supervisor],
+    make_sup: Callable[..., _supervisor.Supervisor],
 ) -> None:
-    sup = metrics_sup()
+    sup = make_sup()
     h = mpchan.go(square, 7)
     assert h.result(timeout=30) == 49
     snap = mpchan.stats()
@@ -241,9 +221,9 @@ def test_sources_are_weak_and_a_raising_one_is_skipped() -> None:
 
 
 def test_supervisor_serves_metrics_of_workers_pools_and_channels(
-    metrics_sup: Callable[..., _supervisor.Supervisor],
+    make_sup: Callable[..., _supervisor.Supervisor],
 ) -> None:
-    sup = metrics_sup(metrics_port=0)
+    sup = make_sup(metrics_port=0)
     address = sup.metrics_address
     assert address is not None and address[0] == "127.0.0.1" and address[1] > 0
     server_threads = [t for t in threading.enumerate() if t.name == _metrics.THREAD_NAME]
@@ -306,9 +286,9 @@ def test_supervisor_serves_metrics_of_workers_pools_and_channels(
 
 
 def test_stream_stages_are_reported_while_it_runs(
-    metrics_sup: Callable[..., _supervisor.Supervisor],
+    make_sup: Callable[..., _supervisor.Supervisor],
 ) -> None:
-    sup = metrics_sup(metrics_port=0)
+    sup = make_sup(metrics_port=0)
     seen: dict[str, Samples] = {}
 
     def source() -> Iterator[int]:
@@ -334,16 +314,16 @@ def test_stream_stages_are_reported_while_it_runs(
 
 
 def test_bad_metrics_ports_raise_clear_errors(
-    metrics_sup: Callable[..., _supervisor.Supervisor],
+    make_sup: Callable[..., _supervisor.Supervisor],
 ) -> None:
     with pytest.raises(ValueError, match="0 to 65535"):
-        metrics_sup(metrics_port=70000)
+        make_sup(metrics_port=70000)
     with pytest.raises(ValueError, match="0 to 65535"):
-        metrics_sup(metrics_port=-1)
+        make_sup(metrics_port=-1)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
-            metrics_sup(metrics_port=port)
+            make_sup(metrics_port=port)
     assert not [t for t in threading.enumerate() if t.name == _metrics.THREAD_NAME]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,26 +28,6 @@ cloudpickle.register_pickle_by_value(gate)
 METHODS = ["spawn", "forkserver", "fork"]
 SCRIPTS = Path(__file__).parent / "scripts"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def make_sup(mpchan_leak_check: None) -> Iterator[Callable[..., _supervisor.Supervisor]]:
-    """Make supervisors (installed as the program's one); shut all down after the test."""
-    made: list[_supervisor.Supervisor] = []
-    previous = _supervisor.set_supervisor(None)
-
-    def make(*args: Any, **kwargs: Any) -> _supervisor.Supervisor:
-        sup = _supervisor.Supervisor(*args, **kwargs)
-        made.append(sup)
-        _supervisor.set_supervisor(sup)
-        return sup
-
-    try:
-        yield make
-    finally:
-        for sup in made:
-            sup.shutdown(timeout=2)
-        _supervisor.set_supervisor(previous)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
