@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import pickle
 import queue
 import sys
 import time
@@ -34,6 +35,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
+from ._errors import SerializationError
 from ._pooltask import Task
 from ._poolworker import CHUNK1, CHUNKN
 from ._worker import decode_reply
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
     from ._pool import Pool
 
 __all__ = ["MapRun"]
+
+_loads = pickle.loads
 
 _CHUNK_TARGET = 0.005  # seconds of calls per automatic chunk
 _CHUNK_MAX = 65536
@@ -229,8 +233,15 @@ class MapRun:
 
     @staticmethod
     def _outcome(task: Task) -> tuple[list[Any], bytes | None]:
-        value = task.future.result()
-        values, failure = value
+        # The collector hands a chunk's reply over still pickled (see Pool._settle).
+        data = task.future.result()
+        try:
+            values, failure = _loads(data)
+        except Exception as e:
+            err = SerializationError(
+                f"cannot unpickle the result of {task.name}: {type(e).__name__}: {e}"
+            )
+            raise err from e
         return values, failure
 
 

@@ -164,6 +164,21 @@ def test_crash_table(pool: Pool, where: str, how: str) -> None:
         time.sleep(0.01)
 
 
+def maybe_dies_on_unpickle(x: int) -> Any:
+    return DieOnUnpickle("raise") if x == 7 else x
+
+
+def test_map_result_that_cannot_be_unpickled_raises_in_order(pool: Pool) -> None:
+    """A chunk's reply is unpickled by the iterating caller: the values before
+    it are yielded, then SerializationError; the pool serves new work after."""
+    got: list[int] = []
+    with pytest.raises(SerializationError, match="cannot unpickle the result"):
+        for v in pool.map(maybe_dies_on_unpickle, range(20), chunksize=3, timeout=WAIT):
+            got.append(v)
+    assert got == list(range(6))  # the chunks before the one holding item 7
+    assert list(pool.map(identity, range(5), timeout=WAIT)) == list(range(5))
+
+
 def test_unpicklable_argument_fails_that_task_only(pool: Pool) -> None:
     fut = pool.submit(identity, threading.Lock())  # cannot be pickled
     ok = pool.submit(identity, 5)
