@@ -140,20 +140,6 @@ def _slot_size(n: int) -> int:
     return max(_BLOB_MIN, (n + _SLOT_STEP - 1) // _SLOT_STEP * _SLOT_STEP)
 
 
-def core_stats(core: Any) -> dict[str, Any]:
-    """``Channel.stats()`` of a mapped segment's core (any channel segment)."""
-    count, cap, sent, received, bs, br, closed, _rec = core.stats()
-    return {
-        "len": 0 if cap == 0 else int(count),
-        "capacity": int(cap),
-        "sent": int(sent),
-        "received": int(received),
-        "blocked_senders": int(bs),
-        "blocked_receivers": int(br),
-        "closed": bool(closed),
-    }
-
-
 class Channel:
     """A Go channel whose buffer lives in shared memory.
 
@@ -230,7 +216,7 @@ class Channel:
 
         Never blocks (beyond the channel's short internal lock).
         """
-        return core_stats(self._core)
+        return _shm.core_stats(self._core)
 
     # ------------------------------------------------------------ close
 

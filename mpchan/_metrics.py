@@ -51,7 +51,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, TypeVar
 
 from . import _shm
-from ._channel import core_stats
 
 __all__ = [
     "CONTENT_TYPE",
@@ -147,7 +146,7 @@ def _channel_rows() -> tuple[list[dict[str, Any]], int]:
         if kind != _shm.CHANNEL:
             continue
         try:
-            row = core_stats(seg.core)
+            row = _shm.core_stats(seg.core)
         except (ValueError, OSError):  # detached meanwhile
             continue
         channels.append({"name": seg.name, **row})

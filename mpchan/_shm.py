@@ -282,6 +282,20 @@ def _detach(name: str, core: Any, blob_maps: dict[str, mmap.mmap]) -> None:
     core.unmap()
 
 
+def core_stats(core: Any) -> dict[str, Any]:
+    """``Channel.stats()`` of a mapped segment's core (any channel segment)."""
+    count, cap, sent, received, bs, br, closed, _rec = core.stats()
+    return {
+        "len": 0 if cap == 0 else int(count),
+        "capacity": int(cap),
+        "sent": int(sent),
+        "received": int(received),
+        "blocked_senders": int(bs),
+        "blocked_receivers": int(br),
+        "closed": bool(closed),
+    }
+
+
 def create_segment(
     capacity: int, ring_size: int, hard_span: int = 0, *, kind: str = CHANNEL
 ) -> Segment:
