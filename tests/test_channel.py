@@ -37,13 +37,7 @@ import chan_workers as cw
 METHODS = ["spawn", "forkserver", "fork"]
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``pred`` (a state check, not a sleep-for-synchronisation)."""
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
+wait_for = cw.wait_for
 
 
 class Procs:

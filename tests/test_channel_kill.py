@@ -22,12 +22,7 @@ import chan_workers as cw
 _fork = multiprocessing.get_context("fork")
 
 
-def wait_for(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
+wait_for = cw.wait_for
 
 
 def start(fn: Any, *args: Any) -> Any:

@@ -186,11 +186,12 @@ def test_unreadable_input_is_status_2(jobs: Path) -> None:
 # --------------------------------------------------------------------------- signals
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+def _start(args: list[str], cwd: Path, stdin: int | None = None) -> subprocess.Popen[bytes]:
     # Unbuffered: reading the first line must not read ahead into a buffer that
     # communicate() would then skip.
     return subprocess.Popen(
         [sys.executable, "-m", "mpchan", "run", *args, "--no-progress"],
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         bufsize=0,
@@ -293,16 +294,7 @@ def test_progress_bar_goes_to_stderr(jobs: Path) -> None:
 
 
 def test_sigint_drains_while_waiting_for_stdin(jobs: Path) -> None:
-    p = subprocess.Popen(
-        [sys.executable, "-m", "mpchan", "run", "jobs:double", "--no-progress"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-        cwd=jobs,
-        env=_env(),
-        start_new_session=True,
-    )
+    p = _start(["jobs:double"], jobs, stdin=subprocess.PIPE)
     assert p.stdin is not None and p.stdout is not None
     try:
         p.stdin.write(b"1\n2\n3\n")  # and keep stdin open: the reader blocks
@@ -326,15 +318,7 @@ def test_sigint_drains_while_waiting_for_stdin(jobs: Path) -> None:
 
 
 def test_reader_going_away_ends_quietly(jobs: Path) -> None:
-    p = subprocess.Popen(
-        [sys.executable, "-m", "mpchan", "run", "jobs:double", "--range", "0:1000000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-        cwd=jobs,
-        env=_env(),
-        start_new_session=True,
-    )
+    p = _start(["jobs:double", "--range", "0:1000000"], jobs)
     assert p.stdout is not None and p.stderr is not None
     try:
         assert p.stdout.readline() == b"0\n"

@@ -180,7 +180,7 @@ def test_ordered_map_feeds_workers_behind_a_slow_first_item_within_bounds() -> N
     pool), but what is read ahead stays bounded (two windows of chunks)."""
     gate = mpchan.Channel(1)
     with Pool(2) as pool:
-        it = pool.map(gated, range(1000), itertools.repeat(gate), chunksize=1)
+        it = pool.map(gated, range(1000), itertools.repeat(gate), chunksize=1, timeout=WAIT)
         first: list[int] = []
         t = threading.Thread(target=lambda: first.append(next(it)))
         t.start()

@@ -17,13 +17,7 @@ from mpchan import Channel, ChannelClosed, select
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "chan_scripts"))
 import chan_workers as cw
 
-
-def wait_for(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
+wait_for = cw.wait_for
 
 
 def start(fn: Any, *args: Any, method: str = "fork") -> Any:

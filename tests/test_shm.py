@@ -8,8 +8,6 @@ import pickle
 import stat
 import subprocess
 import sys
-import time
-from typing import Any
 
 import pytest
 
@@ -19,13 +17,7 @@ from mpchan._compat import SHM_DIR
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "chan_scripts"))
 import chan_workers as cw
 
-
-def wait_for(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+wait_for = cw.wait_for
 
 
 def _exists(name: str) -> bool:

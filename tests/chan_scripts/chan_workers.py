@@ -92,6 +92,15 @@ def wrap_sender(ch: Channel, sizes: list[int], rounds: int) -> None:
     ch.close()
 
 
+def wait_for(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``pred`` (a state check, not a sleep-for-synchronisation) until it holds."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
 def stamped(seq: int, size: int) -> bytes:
     """``size`` bytes: the sequence number then a fill derived from it."""
     head = seq.to_bytes(8, "little")
