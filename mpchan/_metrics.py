@@ -37,17 +37,15 @@ Ownership:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import selectors
-import socketserver
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, TypeVar
 
 from . import _shm
@@ -101,7 +99,7 @@ def register(owner: T, source: Callable[[T], Iterable[Family]]) -> None:
     Registering the same owner again replaces its source. Never blocks.
     Process safety: any thread.
     """
-    if inspect.ismethod(source) and source.__self__ is owner:
+    if isinstance(source, types.MethodType) and source.__self__ is owner:
         raise TypeError("source must not be a bound method of its owner (it would never be freed)")
     with _lock:
         _sources[owner] = source
@@ -262,42 +260,50 @@ def _format_value(value: float) -> str:
 # ----------------------------------------------------------------------------- HTTP server
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "mpchan-metrics"
-    timeout = _REQUEST_TIMEOUT_S
+def _http_server(port: int) -> Any:
+    """A ThreadingHTTPServer on HOST:port answering /metrics (OSError if it
+    cannot bind). http.server is imported here, only by a program that asks
+    for metrics: importing it costs every program tens of milliseconds."""
+    import socketserver
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    def do_GET(self) -> None:
-        if self.path.partition("?")[0] != "/metrics":
-            self.send_error(404, "Not Found", "metrics are served at /metrics")
-            return
-        try:
-            body = render(collect()).encode("utf-8")
-        except Exception as exc:  # a bug: tell the scraper rather than drop it
-            self.send_error(500, "Internal Server Error", f"{type(exc).__name__}: {exc}")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "mpchan-metrics"
+        timeout = _REQUEST_TIMEOUT_S
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # scrapes are routine: nothing on the program's stderr
+        def do_GET(self) -> None:
+            if self.path.partition("?")[0] != "/metrics":
+                self.send_error(404, "Not Found", "metrics are served at /metrics")
+                return
+            try:
+                body = render(collect()).encode("utf-8")
+            except Exception as exc:  # a bug: tell the scraper rather than drop it
+                self.send_error(500, "Internal Server Error", f"{type(exc).__name__}: {exc}")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes are routine: nothing on the program's stderr
 
-class _Server(ThreadingHTTPServer):
-    # server_close() joins every request thread (block_on_close); they are
-    # daemons only so that a stalled client can never hold up interpreter exit.
-    daemon_threads = True
-    block_on_close = True
-    timeout = 1.0  # handle_request's own wait, after the selector said "ready"
+    class Server(ThreadingHTTPServer):
+        # server_close() joins every request thread (block_on_close); they are
+        # daemons only so that a stalled client can never hold up interpreter exit.
+        daemon_threads = True
+        block_on_close = True
+        timeout = 1.0  # handle_request's own wait, after the selector said "ready"
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks up the host's FQDN (a DNS query that
-        # can take seconds); the name is only used in error pages.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name = HOST
-        self.server_port = int(self.socket.getsockname()[1])
+        def server_bind(self) -> None:
+            # HTTPServer.server_bind looks up the host's FQDN (a DNS query that
+            # can take seconds); the name is only used in error pages.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name = HOST
+            self.server_port = int(self.socket.getsockname()[1])
+
+    return Server((HOST, port), Handler)
 
 
 class MetricsServer:
@@ -317,7 +323,7 @@ class MetricsServer:
         if not 0 <= port <= 65535:
             raise ValueError(f"metrics_port must be a port number from 0 to 65535, not {port}")
         try:
-            self._httpd = _Server((HOST, port), _Handler)
+            self._httpd = _http_server(port)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise OSError(exc.errno, f"cannot serve metrics on {HOST}:{port}: {reason}") from None
