@@ -698,6 +698,40 @@ class Channel:
             raise EndOfChannel("channel closed and drained")
         return self._decode_all(items)
 
+    def _recv_many_nowait(self, max_items: int) -> list[Any]:
+        """Up to ``max_items`` buffered values, [] when there are none.
+
+        Never blocks. Raises EndOfChannel when closed and drained.
+        """
+        st, items, wakes = self._core.recv_many(max_items)
+        if wakes:
+            self._wake(wakes)
+        if st == CLOSED:
+            raise EndOfChannel("channel closed and drained")
+        if st == EMPTY:
+            return []
+        return self._decode_all(items)
+
+    def _wait_readable(self, timeout: float) -> None:
+        """Park (without spinning) until a value is buffered, the channel is
+        closed, or ``timeout`` seconds pass. Takes nothing.
+
+        For a thread that shares its receiving with others of its process:
+        it never gives the GIL up except to sleep (a spin's sched_yield
+        would, and a busy thread would then keep it a switch interval).
+        Blocks: up to ``timeout``. Process safety: any thread.
+        """
+        core = self._core
+        w = current_waiter()
+        wakes = core.register(w.key, W_RECV, 0, 0)
+        try:
+            if wakes:
+                self._wake(wakes)
+            if core.length() == 0 and not core.is_closed():
+                w.wait(timeout)
+        finally:
+            core.unregister(w.key)
+
     def _decode_all(self, items: list[tuple[bytes, int, int]]) -> list[Any]:
         out: list[Any] = []
         error: BaseException | None = None

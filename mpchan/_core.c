@@ -1436,7 +1436,30 @@ static PyObject *core_dgram_wake(PyObject *Py_UNUSED(m), PyObject *const *args, 
     return PyLong_FromLong(r < 0 ? errno : 0);
 }
 
+/* dgram_drain(fd) -> how many datagrams were read
+ * Read every pending datagram of a non-blocking socket, keeping the GIL (as
+ * dgram_wake: socket.recv would give it up, and a woken thread would then
+ * wait a switch interval for it once more per call). */
+static PyObject *core_dgram_drain(PyObject *Py_UNUSED(m), PyObject *arg) {
+    int fd = (int)PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    char buf[64];
+    long n = 0;
+    for (;;) {
+        ssize_t r = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (r >= 0) {
+            n++;
+            continue;
+        }
+        if (errno == EINTR) continue;
+        break; /* EAGAIN: drained; anything else: nothing to read either */
+    }
+    return PyLong_FromLong(n);
+}
+
 static PyMethodDef core_functions[] = {
+    {"dgram_drain", (PyCFunction)core_dgram_drain, METH_O,
+     "Read every pending datagram of a non-blocking socket; return the count."},
     {"dgram_wake", (PyCFunction)(void (*)(void))core_dgram_wake, METH_FASTCALL,
      "Send one byte to a Unix datagram address without blocking; return errno."},
     {NULL, NULL, 0, NULL},

@@ -58,7 +58,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, InvalidStateError
 from functools import partial
 from typing import Any, TypeVar
@@ -69,6 +69,7 @@ from ._context import Context
 from ._errors import (
     Cancelled,
     ChannelClosed,
+    EndOfChannel,
     SerializationError,
     ShutdownError,
     TaskTimeout,
@@ -191,6 +192,10 @@ class Pool(Executor):
         self._loop_args: bytes | None = None
         self._tids = itertools.count()
         self._lock = threading.Lock()
+        # Held by whoever takes replies from the result channel and handles
+        # them (the collector, or a map's caller between chunks): the
+        # replies of one worker must be handled in the order they came.
+        self._rx = threading.Lock()
         self._pending: deque[Task] = deque()
         self._slots: dict[int, Slot] = {}
         self._events: deque[tuple[int, Future[bytes]]] = deque()
@@ -522,7 +527,7 @@ class Pool(Executor):
             self._wake()
         return task
 
-    def _submit_chunk(self, fn: Any, items: list[Any], kind: int, owner: Any) -> Task:
+    def _submit_chunk(self, fn: Any, items: Sequence[Any], kind: int, owner: Any) -> Task:
         name = describe_callable(fn)
         try:
             msg = TASK_HDR.pack(0, kind) + dump((fn, items), fn)
@@ -729,19 +734,19 @@ class Pool(Executor):
                     # reply wakes it anyway.
                     self._parked = self._has_room()
                     self._woken = False
-                try:
-                    items = rch.recv_many(512, timeout=timeout)
-                except TimeoutError:
-                    items = []
+                if not self._take_replies(rch):
+                    rch._wait_readable(timeout)
+                    self._take_replies(rch)
                 self._parked = False
-                if items:
-                    self._on_replies(items)
                 if self._events:
-                    while len(rch):
-                        self._on_replies(rch.recv_many(512))
-                    while self._events:
-                        wid, loop = self._events.popleft()
-                        self._on_worker_gone(wid, loop)
+                    with self._rx:
+                        # Replies sent before a worker died are handled first:
+                        # they must not be blamed on the crash.
+                        while len(rch):
+                            self._on_replies(rch._recv_many_nowait(512))
+                        while self._events:
+                            wid, loop = self._events.popleft()
+                            self._on_worker_gone(wid, loop)
                 if self._task_timeout is not None:
                     self._check_timeouts()
                 if self._stopping and self._stop_idle_workers():
@@ -752,14 +757,49 @@ class Pool(Executor):
         finally:
             self._finish()
 
-    def _on_replies(self, items: list[bytes]) -> None:
+    def _take_replies(self, rch: Channel) -> bool:
+        # The collector: handle what is buffered now. True if there was any.
+        with self._rx:
+            items = rch._recv_many_nowait(512)
+            if items:
+                self._on_replies(items)
+        return bool(items)
+
+    def _poll_replies(self) -> int:
+        """Handle buffered replies in the calling thread (a map's caller, between
+        chunks); return how many tasks they settled.
+
+        A thread busy with Python code keeps the GIL for a whole switch
+        interval (5 ms) before a waiting thread gets it, so replies left to the
+        collector while the caller pickles and unpickles chunks wait that
+        long; handled here they wait for nothing. Never blocks: returns 0 when
+        the collector is handling replies itself.
+        """
+        rch = self._results
+        if rch is None or not len(rch) or not self._rx.acquire(blocking=False):
+            return 0
+        try:
+            settled, woke = self._on_replies(rch._recv_many_nowait(512))
+        except (EndOfChannel, ChannelClosed, ValueError):
+            return 0  # the pool is closing: the collector sees to the rest
+        finally:
+            self._rx.release()
+        if woke:
+            self._wake()  # it was meant for the collector: pass it on
+        return settled
+
+    def _on_replies(self, items: list[bytes]) -> tuple[int, bool]:
+        # Caller holds _rx. Returns (tasks settled, a WAKE was among them).
         done: list[tuple[Task, memoryview, int]] = []
+        woke = False
         now = time.monotonic()
         with self._lock:
             slots = self._slots
             for msg in items:
                 tid, wid, secs = RES_HDR.unpack_from(msg)
                 if tid < 0:
+                    if tid == WAKE:
+                        woke = True
                     self._on_control(tid, wid, msg, now)
                     continue
                 slot = slots.get(wid)
@@ -790,6 +830,7 @@ class Pool(Executor):
                             self._fill(s)
         for task, reply, wid in done:
             self._settle(task, reply, wid)
+        return len(done), woke
 
     def _settle(self, task: Task, reply: memoryview, wid: int) -> None:
         fut = task.future

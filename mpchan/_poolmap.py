@@ -31,7 +31,7 @@ import queue
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
@@ -76,6 +76,12 @@ class MapRun:
         self.it: Iterator[Any] = (
             iter(iterables[0]) if len(iterables) == 1 else zip(*iterables, strict=False)
         )
+        # A list, tuple or range is sliced (one copy in C) rather than read
+        # item by item; a range's slices pickle as ranges.
+        self.seq: list[Any] | tuple[Any, ...] | range | None = None
+        if len(iterables) == 1 and type(iterables[0]) in (list, tuple, range):
+            self.seq = cast("list[Any] | tuple[Any, ...] | range", iterables[0])
+        self.pos = 0
         total: int | None = None
         with contextlib.suppress(TypeError):
             total = min(len(x) for x in iterables)  # type: ignore[arg-type]
@@ -139,6 +145,7 @@ class MapRun:
 
     def top_up(self) -> None:
         pool = self.pool
+        pool._poll_replies()
         self._take_done()
         # Chunks at the workers stay within the window; finished ones wait
         # to be yielded in order, at most another window's worth of them.
@@ -154,7 +161,13 @@ class MapRun:
                     self.exhausted = True  # a drain: stop intake, yield what is in flight
                     return
                 pool._check_open()
-            items = list(itertools.islice(self.it, self.next_size()))
+            size = self.next_size()
+            items: Sequence[Any]
+            if self.seq is not None:
+                items = self.seq[self.pos : self.pos + size]
+                self.pos += len(items)
+            else:
+                items = list(itertools.islice(self.it, size))
             if not items:
                 self.exhausted = True
                 return
@@ -221,6 +234,8 @@ class MapRun:
                 task = next(iter(done))
                 self.inflight.remove(task)
                 break
+            if self.pool._poll_replies():
+                continue  # settled here, without waiting for the collector
             left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
             try:
                 finished = self.done_q.get(timeout=left)
