@@ -1,5 +1,7 @@
 /*
  * mpchan._core -- the shared-memory channel segment (layers 1-2 in C).
+ * Beside it: two datagram helpers of the wake-up layer that keep the GIL,
+ * and ChunkIter, the iterator a pool's map returns (items of result chunks).
  *
  * One segment per channel, a file in the shared-memory directory mapped
  * MAP_SHARED by every process that holds a handle:
@@ -1403,6 +1405,141 @@ static PyTypeObject ChanType = {
     .tp_doc = "A mapped channel segment.",
 };
 
+/* ---------------------------------------------------------------- ChunkIter
+ * ChunkIter(chunks, hint): the items of the lists that the iterator
+ * ``chunks`` yields, one by one -- what itertools.chain.from_iterable does,
+ * with one call per item instead of two (list() of a pool's map spends much
+ * of its time there), and with ``__length_hint__`` (``hint`` items in all,
+ * -1: unknown) so that list() allocates once.  ``close()`` closes ``chunks``
+ * (a generator) and drops the current list. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *chunks; /* iterator of lists; NULL once exhausted or closed */
+    PyObject *cur;    /* the list being handed out, or NULL */
+    Py_ssize_t pos;
+    Py_ssize_t left;  /* items still to come, or -1 */
+} ChunkIterObject;
+
+static PyObject *ChunkIter_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *chunks;
+    Py_ssize_t hint = -1;
+    static char *kwlist[] = {"chunks", "hint", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|n", kwlist, &chunks, &hint)) return NULL;
+    PyObject *it = PyObject_GetIter(chunks);
+    if (!it) return NULL;
+    ChunkIterObject *self = (ChunkIterObject *)type->tp_alloc(type, 0);
+    if (!self) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    self->chunks = it;
+    self->cur = NULL;
+    self->pos = 0;
+    self->left = hint < 0 ? -1 : hint;
+    return (PyObject *)self;
+}
+
+static int ChunkIter_traverse(ChunkIterObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->chunks);
+    Py_VISIT(self->cur);
+    return 0;
+}
+
+static int ChunkIter_clear(ChunkIterObject *self) {
+    Py_CLEAR(self->chunks);
+    Py_CLEAR(self->cur);
+    return 0;
+}
+
+static void ChunkIter_dealloc(ChunkIterObject *self) {
+    PyObject_GC_UnTrack(self);
+    ChunkIter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *ChunkIter_next(ChunkIterObject *self) {
+    for (;;) {
+        PyObject *cur = self->cur;
+        if (cur != NULL) {
+            if (self->pos < PyList_GET_SIZE(cur)) {
+                PyObject *item = PyList_GET_ITEM(cur, self->pos);
+                self->pos++;
+                if (self->left > 0) self->left--;
+                Py_INCREF(item);
+                return item;
+            }
+            Py_CLEAR(self->cur);
+        }
+        if (self->chunks == NULL) return NULL;
+        PyObject *next = PyIter_Next(self->chunks);
+        if (next == NULL) {
+            /* exhausted, or it raised (a task's exception): either way it is done */
+            Py_CLEAR(self->chunks);
+            self->left = 0;
+            return NULL;
+        }
+        if (!PyList_CheckExact(next)) {
+            PyObject *as_list = PySequence_List(next);
+            Py_DECREF(next);
+            if (as_list == NULL) return NULL;
+            next = as_list;
+        }
+        self->cur = next;
+        self->pos = 0;
+    }
+}
+
+static PyObject *ChunkIter_length_hint(ChunkIterObject *self, PyObject *Py_UNUSED(a)) {
+    if (self->left < 0) Py_RETURN_NOTIMPLEMENTED;
+    return PyLong_FromSsize_t(self->left);
+}
+
+static PyObject *ChunkIter_close(ChunkIterObject *self, PyObject *Py_UNUSED(a)) {
+    PyObject *chunks = self->chunks;
+    self->chunks = NULL;
+    Py_CLEAR(self->cur);
+    self->left = 0;
+    if (chunks == NULL) Py_RETURN_NONE;
+    PyObject *r = NULL;
+    PyObject *close = PyObject_GetAttrString(chunks, "close");
+    if (close == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            r = Py_NewRef(Py_None);
+        }
+    } else {
+        r = PyObject_CallNoArgs(close);
+        Py_DECREF(close);
+    }
+    Py_DECREF(chunks);
+    if (r == NULL) return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef ChunkIter_methods[] = {
+    {"__length_hint__", (PyCFunction)ChunkIter_length_hint, METH_NOARGS,
+     "Items still to come (NotImplemented when unknown)."},
+    {"close", (PyCFunction)ChunkIter_close, METH_NOARGS,
+     "Close the chunk iterator and stop. Never blocks."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ChunkIterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mpchan._core.ChunkIter",
+    .tp_basicsize = sizeof(ChunkIterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = ChunkIter_new,
+    .tp_dealloc = (destructor)ChunkIter_dealloc,
+    .tp_traverse = (traverseproc)ChunkIter_traverse,
+    .tp_clear = (inquiry)ChunkIter_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)ChunkIter_next,
+    .tp_methods = ChunkIter_methods,
+    .tp_doc = "ChunkIter(chunks, hint=-1): the items of the lists ``chunks`` yields.",
+};
+
 /* dgram_wake(fd, addr) -> errno (0: sent)
  * One byte to a Unix datagram address, MSG_DONTWAIT, *keeping* the GIL: the
  * call never blocks, and giving the GIL up here would let a busy thread of
@@ -1472,11 +1609,18 @@ static struct PyModuleDef coremodule = {
 
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&ChanType) < 0) return NULL;
+    if (PyType_Ready(&ChunkIterType) < 0) return NULL;
     PyObject *m = PyModule_Create(&coremodule);
     if (!m) return NULL;
     Py_INCREF(&ChanType);
     if (PyModule_AddObject(m, "Chan", (PyObject *)&ChanType) < 0) {
         Py_DECREF(&ChanType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&ChunkIterType);
+    if (PyModule_AddObject(m, "ChunkIter", (PyObject *)&ChunkIterType) < 0) {
+        Py_DECREF(&ChunkIterType);
         Py_DECREF(m);
         return NULL;
     }

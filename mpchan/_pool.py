@@ -544,6 +544,7 @@ class Pool(Executor):
         # Caller holds _lock. A single call only to an idle worker; a chunk
         # to the shortest queue below the refill mark with bytes to spare.
         best: Slot | None = None
+        best_items = 0
         low = self._depth // 2
         for s in self._slots.values():
             if s.retiring or not self._may_take(s):
@@ -552,12 +553,11 @@ class Pool(Executor):
             if kind == CALL:
                 if n == 0:
                     return s
-            elif (
-                n <= low
-                and (best is None or n < len(best.queue))
-                and (n == 0 or sum(len(t.msg) for t in s.queue) + size <= _QUEUE_BYTES)
-            ):
-                best = s
+            elif n <= low and (n == 0 or sum(len(t.msg) for t in s.queue) + size <= _QUEUE_BYTES):
+                # Chunks differ in size: the one with the fewest items queued.
+                items = sum(t.n for t in s.queue)
+                if best is None or items < best_items:
+                    best, best_items = s, items
         return best
 
     def _may_take(self, slot: Slot) -> bool:

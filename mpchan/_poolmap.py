@@ -35,6 +35,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
+from ._core import ChunkIter
 from ._errors import SerializationError
 from ._pooltask import Task
 from ._poolworker import CHUNK1, CHUNKN
@@ -149,11 +150,7 @@ class MapRun:
         self._take_done()
         # Chunks at the workers stay within the window; finished ones wait
         # to be yielded in order, at most another window's worth of them.
-        while (
-            not self.exhausted
-            and len(self.inflight) - len(self.done) < self.window
-            and len(self.inflight) < 2 * self.window
-        ):
+        while not self.exhausted and self._has_room():
             if self.buffersize is not None and self.items_inflight >= self.buffersize:
                 return
             if pool._closed or (pool._ctx is not None and pool._ctx.draining):
@@ -179,6 +176,22 @@ class MapRun:
             self.inflight.append(task)
             self.items_inflight += task.n
 
+    def _has_room(self) -> bool:
+        # At most a window of chunks at the workers -- or, when they hold
+        # less work than a window of full chunks would (the first, small
+        # chunks of a map of tiny tasks), more of them; and at most two
+        # windows finished or not, but not yet yielded.
+        inflight = self.inflight
+        if len(inflight) >= 2 * self.window:
+            return False
+        if len(inflight) - len(self.done) < self.window:
+            return True
+        per_item = self.per_item
+        if per_item is None or self.chunksize is not None:
+            return False
+        items = self.items_inflight - sum(t.n for t in self.done)
+        return items * per_item < self.window * _CHUNK_TARGET
+
     def _take_done(self) -> None:
         # Move what the collector finished meanwhile into self.done (this thread's).
         q = self.done_q
@@ -186,12 +199,10 @@ class MapRun:
             self.done[self.by_future.pop(q.get_nowait())] = None
 
     def results(self) -> Iterator[Any]:
-        # The items of each chunk are handed out by itertools.chain in C; this
+        # The items of each chunk are handed out in C (ChunkIter); this
         # generator runs once per chunk, not once per item.
-        chunks = self._chunks()
-        it = cast(_MapIterator, _MapIterator.from_iterable(chunks))
-        it._chunks = chunks
-        return it
+        hint = -1 if self.total is None else self.total
+        return _MapIterator(self._chunks(), hint)
 
     def _chunks(self) -> Generator[list[Any], None, None]:
         try:
@@ -260,14 +271,13 @@ class MapRun:
         return values, failure
 
 
-class _MapIterator(itertools.chain):  # type: ignore[type-arg]
-    """The iterator ``map`` returns: a chain over result chunks, with ``close()``."""
+class _MapIterator(ChunkIter):
+    """The iterator ``map`` returns: the items of the result chunks, in C.
 
-    _chunks: Generator[list[Any], None, None]
+    ``close()`` stops it: what was not started is cancelled. Never blocks.
+    """
 
-    def close(self) -> None:
-        """Stop: cancel what was not started. Never blocks."""
-        self._chunks.close()
+    __slots__ = ()
 
 
 def progress_bar(total: int | None) -> Any:

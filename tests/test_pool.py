@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import signal
 import subprocess
@@ -121,6 +122,30 @@ def test_automatic_chunks_spread_long_tasks() -> None:
         # 6 tasks of 0.2 s on 2 workers: 0.6 s when spread, 1.2 s if chunked together
         assert time.monotonic() - started < 1.1
         assert pids == [None] * 6
+
+
+@pytest.mark.parametrize(
+    "make", [list, tuple, lambda r: r, iter], ids=["list", "tuple", "range", "iterator"]
+)
+def test_map_reads_lists_tuples_ranges_and_iterators_alike(make: Any) -> None:
+    # Lists, tuples and ranges are sliced into chunks, other inputs read item by item.
+    with Pool(2) as pool:
+        got = list(pool.map(square, make(range(5000)), timeout=WAIT))
+        assert got == [i * i for i in range(5000)]
+
+
+def test_map_iterator_length_hint_counts_down() -> None:
+    with Pool(2) as pool:
+        it = pool.map(square, list(range(1000)), timeout=WAIT)
+        assert operator.length_hint(it) == 1000  # list() of it allocates once
+        for _ in range(10):
+            next(it)
+        assert operator.length_hint(it) == 990
+        assert len(list(it)) == 990
+        assert operator.length_hint(it) == 0
+        unknown = pool.map(square, (i for i in range(10)), timeout=WAIT)
+        assert operator.length_hint(unknown, -7) == -7  # no length: no hint
+        assert sum(1 for _ in unknown) == 10
 
 
 def test_max_tasks_per_worker_recycles() -> None:
