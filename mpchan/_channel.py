@@ -712,18 +712,21 @@ class Channel:
             return []
         return self._decode_all(items)
 
-    def _wait_readable(self, timeout: float) -> None:
+    def _wait_readable(self, timeout: float, every: bool = False) -> None:
         """Park (without spinning) until a value is buffered, the channel is
-        closed, or ``timeout`` seconds pass. Takes nothing.
+        closed, or ``timeout`` seconds pass (or the thread's waiter is woken
+        by anyone). Takes nothing.
 
         For a thread that shares its receiving with others of its process:
         it never gives the GIL up except to sleep (a spin's sched_yield
         would, and a busy thread would then keep it a switch interval).
+        ``every``: woken by every send, as a select is, even while another
+        receiver is parked (a send wakes only one plain receiver).
         Blocks: up to ``timeout``. Process safety: any thread.
         """
         core = self._core
         w = current_waiter()
-        wakes = core.register(w.key, W_RECV, 0, 0)
+        wakes = core.register(w.key, W_RECV | (W_SELECT if every else 0), 0, 0)
         try:
             if wakes:
                 self._wake(wakes)

@@ -116,6 +116,8 @@ _RESULTS_RING_EXTRA = 4 << 20
 _TICK = 0.05  # longest collector wait when timeouts or drains need watching
 _QUEUE_TARGET = 0.01  # seconds of work to keep queued at each worker (> a GIL switch)
 _QUEUE_BYTES = 256 * 1024  # most bytes of tasks queued at one worker (ring: 512 KiB)
+_STALL_FACTOR = 4  # a task running this many times its expected time ...
+_STALL_MIN = 0.002  # ... and at least this long (s) gets nothing queued behind it
 _MAX_INIT_CRASHES = 3  # workers dying before ready, in a row, before the pool breaks
 
 _loads = pickle.loads
@@ -544,20 +546,22 @@ class Pool(Executor):
         # Caller holds _lock. A single call only to an idle worker; a chunk
         # to the shortest queue below the refill mark with bytes to spare.
         best: Slot | None = None
-        best_items = 0
+        best_load = (0.0, 0)
+        now = time.monotonic()
         low = self._depth // 2
         for s in self._slots.values():
-            if s.retiring or not self._may_take(s):
+            if s.retiring or not self._may_take(s) or self._stalled(s, now):
                 continue
             n = len(s.queue)
             if kind == CALL:
                 if n == 0:
                     return s
             elif n <= low and (n == 0 or sum(len(t.msg) for t in s.queue) + size <= _QUEUE_BYTES):
-                # Chunks differ in size: the one with the fewest items queued.
-                items = sum(t.n for t in s.queue)
-                if best is None or items < best_items:
-                    best, best_items = s, items
+                # Chunks differ in size: the one with the least work queued
+                # (then the shortest queue: its work may be unknown yet).
+                load = (_queued_seconds(s, now) if n else 0.0, n)
+                if best is None or load < best_load:
+                    best, best_load = s, load
         return best
 
     def _may_take(self, slot: Slot) -> bool:
@@ -592,7 +596,7 @@ class Pool(Executor):
         # thread blocked on that worker's full task channel would wait for
         # each other. What does not fit now goes back to _pending.
         pending = self._pending
-        if not pending or slot.retiring:
+        if not pending or slot.retiring or self._stalled(slot, time.monotonic()):
             return
         room = self._depth - len(slot.queue)
         if self._max_tasks is not None:
@@ -633,10 +637,26 @@ class Pool(Executor):
         # Caller holds _lock.
         depth = self._depth
         low = depth // 2
+        now = time.monotonic()
         return any(
-            len(s.queue) <= low and not s.retiring and self._may_take(s)
+            len(s.queue) <= low
+            and not s.retiring
+            and self._may_take(s)
+            and not self._stalled(s, now)
             for s in self._slots.values()
         )
+
+    def _stalled(self, slot: Slot, now: float) -> bool:
+        # Caller holds _lock. The worker's running task overran its expected
+        # time (its map's time per item, else the pool's average task) by
+        # far: nothing more is queued behind it until it answers.
+        q = slot.queue
+        if not q:
+            return False
+        head = q[0]
+        per_item = getattr(head.owner, "per_item", None)
+        expected = head.n * per_item if per_item else self._ema
+        return now - slot.started_at > max(_STALL_FACTOR * expected, _STALL_MIN)
 
     def _dispatch(self) -> None:
         with self._lock:
@@ -788,6 +808,23 @@ class Pool(Executor):
             self._wake()  # it was meant for the collector: pass it on
         return settled
 
+    def _wait_replies(self, timeout: float) -> None:
+        """Park the calling thread (a map's caller with nothing to do) until a
+        reply is buffered, its waiter is woken, or ``timeout`` passes; then the
+        caller polls. While another thread handles replies, wait for it to
+        finish instead. Blocks: up to ``timeout``.
+        """
+        rch = self._results
+        if rch is None:
+            return
+        if len(rch):
+            # Buffered, and not taken by _poll_replies: the collector has them.
+            if self._rx.acquire(timeout=timeout):
+                self._rx.release()
+            return
+        with contextlib.suppress(ChannelClosed, ValueError):
+            rch._wait_readable(timeout, every=True)
+
     def _on_replies(self, items: list[bytes]) -> tuple[int, bool]:
         # Caller holds _rx. Returns (tasks settled, a WAKE was among them).
         done: list[tuple[Task, memoryview, int]] = []
@@ -824,9 +861,13 @@ class Pool(Executor):
                 if self._pending:
                     # Refill below the low-water mark only, in one batch: a
                     # worker woken for every task would cost a wake-up each.
+                    # Only the workers that answered, and idle ones: one that
+                    # is still on its task gets more when it answers (its
+                    # task may be long: nothing should wait behind it).
                     low = self._depth // 2
+                    answered = {wid for _, _, wid in done}
                     for s in slots.values():
-                        if len(s.queue) <= low:
+                        if len(s.queue) <= low and (s.wid in answered or not s.queue):
                             self._fill(s)
         for task, reply, wid in done:
             self._settle(task, reply, wid)
@@ -1091,6 +1132,20 @@ def _take_all(pending: deque[Task]) -> list[Task]:
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _queued_seconds(slot: Slot, now: float) -> float:
+    # Caller holds _lock. The work queued at a worker, from each map's time
+    # per item (0 where unknown); the running task counts what it has left.
+    total = 0.0
+    for i, t in enumerate(slot.queue):
+        expected = t.n * (getattr(t.owner, "per_item", None) or 0.0)
+        if i == 0:
+            expected = max(0.0, expected - (now - slot.started_at))
+        total += expected
+    return total
+
+
 _pool_ids = itertools.count(1)  # the "pool" label of the metrics
 _EXIT_GRACE = 5.0
 

@@ -27,7 +27,6 @@ import contextlib
 import itertools
 import math
 import pickle
-import queue
 import sys
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from ._core import ChunkIter
 from ._errors import SerializationError
 from ._pooltask import Task
 from ._poolworker import CHUNK1, CHUNKN
+from ._wake import current_waiter, wake
 from ._worker import decode_reply
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ _loads = pickle.loads
 _CHUNK_TARGET = 0.005  # seconds of calls per automatic chunk
 _CHUNK_MAX = 65536
 _WINDOW_PER_WORKER = 4  # default chunks in flight per worker
+_WAIT_SLICE = 0.25  # longest single wait of the caller (it re-checks after it)
 
 
 class MapRun:
@@ -100,7 +101,7 @@ class MapRun:
         self.inflight: deque[Task] = deque()
         self.items_inflight = 0
         self.exhausted = False
-        self.done_q: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()  # from the collector
+        self.note = _Note()  # finished chunks, from whichever thread settled them
         self.by_future: dict[Future[Any], Task] = {}  # not yet seen in done_q
         self.done: dict[Task, None] = {}  # finished, not yet yielded (insertion order)
         self.bar: Any = None
@@ -125,8 +126,15 @@ class MapRun:
                 # once; a task that does not answer is long, and single
                 # items are right for it.
                 self.waited = True
-                with contextlib.suppress(Exception):
-                    self.inflight[0].future.exception(_CHUNK_TARGET)
+                first = self.inflight[0].future
+                end = time.monotonic() + _CHUNK_TARGET
+                while self.per_item is None and not first.done():
+                    if self.pool._poll_replies():
+                        continue
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wait(left)
                 if self.per_item is not None:
                     return self.next_size()
             self.probes += 1
@@ -169,10 +177,10 @@ class MapRun:
                 self.exhausted = True
                 return
             task = pool._submit_chunk(self.fn, items, self.kind, self)
-            # The callback holds the queue, not the task: a task <-> future
+            # The callback holds the note, not the task: a task <-> future
             # cycle would keep the pool's channels alive until a GC pass.
             self.by_future[task.future] = task
-            task.future.add_done_callback(self.done_q.put)
+            task.future.add_done_callback(self.note.put)
             self.inflight.append(task)
             self.items_inflight += task.n
 
@@ -192,11 +200,13 @@ class MapRun:
         items = self.items_inflight - sum(t.n for t in self.done)
         return items * per_item < self.window * _CHUNK_TARGET
 
-    def _take_done(self) -> None:
-        # Move what the collector finished meanwhile into self.done (this thread's).
-        q = self.done_q
-        while not q.empty():
-            self.done[self.by_future.pop(q.get_nowait())] = None
+    def _take_done(self) -> int:
+        # Move what finished meanwhile into self.done (this thread's); how many.
+        q = self.note.q
+        n = len(q)
+        for _ in range(n):
+            self.done[self.by_future.pop(q.popleft())] = None
+        return n
 
     def results(self) -> Iterator[Any]:
         # The items of each chunk are handed out in C (ChunkIter); this
@@ -224,8 +234,7 @@ class MapRun:
             self.inflight.clear()
             self.done.clear()
             self.by_future.clear()
-            while not self.done_q.empty():
-                self.done_q.get_nowait()
+            self.note.q.clear()
             if self.bar is not None:
                 self.bar.close()
 
@@ -235,7 +244,8 @@ class MapRun:
         # (the next to yield in order) is done.
         done = self.done
         while True:
-            self._take_done()
+            if self._take_done():
+                self.top_up()  # finished meanwhile: room for more
             if self.ordered:
                 task = self.inflight[0]
                 if task in done:
@@ -247,15 +257,29 @@ class MapRun:
                 break
             if self.pool._poll_replies():
                 continue  # settled here, without waiting for the collector
-            left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-            try:
-                finished = self.done_q.get(timeout=left)
-            except queue.Empty:
-                raise TimeoutError(f"map results not ready within {self.timeout} s") from None
-            done[self.by_future.pop(finished)] = None
-            self.top_up()
+            if self.note.q:
+                continue
+            left = _WAIT_SLICE
+            if self.deadline is not None:
+                left = min(left, self.deadline - time.monotonic())
+                if left <= 0:
+                    raise TimeoutError(f"map results not ready within {self.timeout} s")
+            self._wait(left)
         del done[task]
         return task
+
+    def _wait(self, timeout: float) -> None:
+        # This thread has nothing to do until a reply comes: it waits for the
+        # replies itself (one wake-up, not the collector's and then its
+        # own); a chunk the collector settles meanwhile wakes it too.
+        note = self.note
+        note.key = current_waiter().key
+        note.waiting = True
+        try:
+            if not note.q:
+                self.pool._wait_replies(timeout)
+        finally:
+            note.waiting = False
 
     @staticmethod
     def _outcome(task: Task) -> tuple[list[Any], bytes | None]:
@@ -269,6 +293,28 @@ class MapRun:
             )
             raise err from e
         return values, failure
+
+
+class _Note:
+    """Finished chunks of one map, and how to wake its caller.
+
+    ``put`` is the chunks' done callback (any thread); the caller takes them.
+    Holds no task and no run: a callback must not make reference cycles.
+    """
+
+    __slots__ = ("key", "q", "waiting")
+
+    def __init__(self) -> None:
+        self.q: deque[Future[Any]] = deque()
+        self.key = 0
+        self.waiting = False
+
+    def put(self, fut: Future[Any]) -> None:
+        self.q.append(fut)
+        # Appended before the flag is read: a caller that set it after its
+        # own check of q is woken; one that checks q after sees it.
+        if self.waiting:
+            wake((self.key,))
 
 
 class _MapIterator(ChunkIter):
