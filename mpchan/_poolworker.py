@@ -66,6 +66,7 @@ RES_HDR = struct.Struct("<qid")
 
 # How many queued tasks one recv takes; the parent bounds what is queued.
 _RECV_BATCH = 64
+_YIELD_AFTER = 0.001  # a task that ran longer gives the CPU away once when it ends
 
 _loads = pickle.loads
 _dumps = pickle.dumps
@@ -131,6 +132,12 @@ def pool_worker_loop(
             del msg
             send(RES_HDR.pack(tid, wid, elapsed) + reply)
             del reply
+            if time.perf_counter() - start > _YIELD_AFTER:
+                # Let a waiting thread of the parent (the reply's reader, a
+                # map's caller with chunks to pickle) have this CPU now,
+                # rather than after this process's time slice: on a machine
+                # with as many workers as cores it otherwise waits a tick.
+                os.sched_yield()
             done += 1
             if (max_tasks is not None and done >= max_tasks) or (
                 max_memory is not None and _rss() > max_memory
