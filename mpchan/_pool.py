@@ -11,10 +11,13 @@ Data flow::
         ^                send_many to slot.ch --------+          v
         |                (a channel per worker)       results (one channel, shared)
         | refill below the low-water mark                        |
-        +------------ collector thread <-------------------------+
-                      ("mpchan-pool-collector"): recv_many, pop slot.queue head,
-                      complete the Future, refill in batches; worker deaths
-                      (supervisor callback -> _events + wake), task timeouts, drain.
+        +------------ whoever holds _rx <------------------------+
+                      the collector thread ("mpchan-pool-collector"), or a
+                      map's caller between its chunks (_poll_replies): take
+                      the buffered replies, pop slot.queue heads, complete
+                      the Futures, refill in batches. Only the collector
+                      handles worker deaths (supervisor callback -> _events
+                      + wake), task timeouts and the drain.
 
 Each worker is a supervised process (``_supervisor``: death watch, signals)
 running :func:`pool_worker_loop` as one long task; when it ends, the
@@ -41,9 +44,13 @@ Ownership:
     * ``_lock`` guards ``_pending``, ``_slots`` and every slot's fields,
       and the pool's state flags; it is never held while a Future is
       completed (callbacks run user code) or a process is started.
-    * Only the collector thread reads the result channel, handles deaths,
-      starts replacement workers and closes worker channels (after
-      ``shutdown(wait=False)`` it finishes the job on its own).
+    * The result channel is read only under ``_rx``, and what is read is
+      handled before ``_rx`` is released (one worker's replies in order;
+      Futures are completed under ``_rx``, never under ``_lock``). A map's
+      caller takes ``_rx`` only without waiting; a WAKE it reads is sent on.
+    * Only the collector thread handles deaths, starts replacement workers
+      and closes worker channels (after ``shutdown(wait=False)`` it
+      finishes the job on its own).
 """
 
 from __future__ import annotations

@@ -2,11 +2,16 @@
 
 Flow of one ``map`` call::
 
-    input iterator --islice(chunk size)--> pool._submit_chunk --> Task (PoolFuture)
-         ^ read only while the window has room        |
-         |                                            v
-    caller <-- itertools.chain <-- _chunks() <-- next finished Task (in order,
-               (items, in C)       (per chunk)        or as finished)
+    input --slice / islice(chunk size)--> pool._submit_chunk --> Task (PoolFuture)
+         ^ read only while the window has room          |
+         |                                              v
+    caller <-- ChunkIter <-- _chunks() <-- next finished Task (in order,
+               (items, C)    (per chunk)       or as finished)
+
+Replies: between chunks the caller takes buffered replies itself
+(``Pool._poll_replies``), and with nothing to do it waits on the result
+channel (woken by every reply) or for the collector to settle a chunk
+(``_Note``): no reply waits for another thread to get the GIL.
 
 Chunk size (``chunksize=None``): one single-item probe per worker first;
 the first answer gives the time per call, then chunks hold about
@@ -15,8 +20,9 @@ doubles the last (a one-item probe overstates a tiny task's time per item:
 its first call is cold), up to ``len/(4*workers)`` items, so every worker
 still gets several chunks.
 
-Window: at most ``_WINDOW_PER_WORKER * workers`` chunks at the workers, and
-at most twice that read and not yet yielded. Every finished chunk wakes the
+Window: at most ``_WINDOW_PER_WORKER * workers`` chunks at the workers (more
+while they hold less work than that many full chunks would), and at most
+twice that read and not yet yielded. Every finished chunk wakes the
 iterating thread, which tops the window up at once: an ordered map whose
 next chunk is slow keeps the other workers busy.
 """
