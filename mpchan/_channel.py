@@ -682,21 +682,16 @@ class Channel:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         if ctx is not None:
             ctx.check()
-        core = self._core
-        st, items, wakes = core.recv_many(max_items)
-        if st == EMPTY:
-            first = self._recv_slow(timeout, ctx)
-            if max_items == 1:
-                return [first]
-            st, items, wakes = core.recv_many(max_items - 1)
-            if wakes:
-                self._wake(wakes)
-            return [first, *self._decode_all(items)]
+        values = self._recv_many_nowait(max_items)
+        if values:
+            return values
+        first = self._recv_slow(timeout, ctx)
+        if max_items == 1:
+            return [first]
+        _, items, wakes = self._core.recv_many(max_items - 1)
         if wakes:
             self._wake(wakes)
-        if st == CLOSED:
-            raise EndOfChannel("channel closed and drained")
-        return self._decode_all(items)
+        return [first, *self._decode_all(items)]
 
     def _recv_many_nowait(self, max_items: int) -> list[Any]:
         """Up to ``max_items`` buffered values, [] when there are none.

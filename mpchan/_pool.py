@@ -660,9 +660,7 @@ class Pool(Executor):
         q = slot.queue
         if not q:
             return False
-        head = q[0]
-        per_item = getattr(head.owner, "per_item", None)
-        expected = head.n * per_item if per_item else self._ema
+        expected = _expected_seconds(q[0], self._ema)
         return now - slot.started_at > max(_STALL_FACTOR * expected, _STALL_MIN)
 
     def _dispatch(self) -> None:
@@ -1141,12 +1139,19 @@ def _take_all(pending: deque[Task]) -> list[Task]:
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
+def _expected_seconds(task: Task, unknown: float) -> float:
+    # A map chunk's items times its map's measured time per item; ``unknown``
+    # for a single call, or before the map measured anything.
+    per_item = getattr(task.owner, "per_item", None)
+    return task.n * per_item if per_item else unknown
+
+
 def _queued_seconds(slot: Slot, now: float) -> float:
     # Caller holds _lock. The work queued at a worker, from each map's time
     # per item (0 where unknown); the running task counts what it has left.
     total = 0.0
     for i, t in enumerate(slot.queue):
-        expected = t.n * (getattr(t.owner, "per_item", None) or 0.0)
+        expected = _expected_seconds(t, 0.0)
         if i == 0:
             expected = max(0.0, expected - (now - slot.started_at))
         total += expected

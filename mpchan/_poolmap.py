@@ -108,7 +108,7 @@ class MapRun:
         self.items_inflight = 0
         self.exhausted = False
         self.note = _Note()  # finished chunks, from whichever thread settled them
-        self.by_future: dict[Future[Any], Task] = {}  # not yet seen in done_q
+        self.by_future: dict[Future[Any], Task] = {}  # not yet taken from the note
         self.done: dict[Task, None] = {}  # finished, not yet yielded (insertion order)
         self.bar: Any = None
         if progress:

@@ -48,6 +48,12 @@ def gated(x: int, gate: mpchan.Channel) -> int:
     return x
 
 
+def hold_until_opened(started: mpchan.Channel, gate: mpchan.Channel) -> str:
+    started.send(os.getpid(), timeout=WAIT)
+    gate.recv(timeout=WAIT)
+    return "held"
+
+
 def hoard(nbytes: int) -> int:
     # Keeps memory alive in the worker (on a module object that stays), so its RSS grows.
     block = bytearray(b"x" * nbytes)
@@ -146,6 +152,25 @@ def test_map_iterator_length_hint_counts_down() -> None:
         unknown = pool.map(square, (i for i in range(10)), timeout=WAIT)
         assert operator.length_hint(unknown, -7) == -7  # no length: no hint
         assert sum(1 for _ in unknown) == 10
+
+
+def test_short_tasks_are_not_queued_behind_a_long_running_one() -> None:
+    """Calls submitted while one worker runs a long task all finish on the
+    other worker: none is queued behind the long one."""
+    started, gate = mpchan.Channel(1), mpchan.Channel(1)
+    with Pool(2) as pool:
+        for f in [pool.submit(square, i) for i in range(20)]:  # the pool learns: calls are short
+            f.result(timeout=WAIT)
+        long = pool.submit(hold_until_opened, started, gate)
+        started.recv(timeout=WAIT)
+        # The premise, not a synchronisation: the running task is now far
+        # longer than the calls before it (a stuck task looks the same).
+        time.sleep(0.1)
+        short = [pool.submit(square, i) for i in range(200)]
+        assert [f.result(timeout=WAIT) for f in short] == [i * i for i in range(200)]
+        assert not long.done()
+        gate.send(None, timeout=WAIT)
+        assert long.result(timeout=WAIT) == "held"
 
 
 def test_max_tasks_per_worker_recycles() -> None:
