@@ -21,6 +21,8 @@ _EXPORTS: dict[str, str] = {
     "EndOfChannel": "_errors",
     "WouldBlock": "_errors",
     "SerializationError": "_errors",
+    "PicklingError": "_errors",
+    "UnpicklingError": "_errors",
     "Cancelled": "_errors",
     "DeadlineExceeded": "_errors",
     "WorkerCrashed": "_errors",
@@ -75,10 +77,12 @@ if TYPE_CHECKING:
     from ._errors import DeadlockError as DeadlockError
     from ._errors import EndOfChannel as EndOfChannel
     from ._errors import MpchanError as MpchanError
+    from ._errors import PicklingError as PicklingError
     from ._errors import RemoteError as RemoteError
     from ._errors import SerializationError as SerializationError
     from ._errors import ShutdownError as ShutdownError
     from ._errors import TaskTimeout as TaskTimeout
+    from ._errors import UnpicklingError as UnpicklingError
     from ._errors import WorkerCrashed as WorkerCrashed
     from ._errors import WouldBlock as WouldBlock
     from ._fan import fan_out as fan_out
@@ -111,6 +115,7 @@ __all__ = [
     "GoHandle",
     "Group",
     "MpchanError",
+    "PicklingError",
     "Pool",
     "RemoteError",
     "SerializationError",
@@ -119,6 +124,7 @@ __all__ = [
     "Supervisor",
     "TaskTimeout",
     "Timer",
+    "UnpicklingError",
     "WaitGroup",
     "WorkerCrashed",
     "WouldBlock",

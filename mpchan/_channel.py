@@ -42,7 +42,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import _core, _shm
 from ._clock import deadline_after, remaining
-from ._codec import TAG_BYTEARRAY, TAG_BYTES, TAG_PICKLE, decode, encode
+from ._codec import (
+    TAG_BYTEARRAY,
+    TAG_BYTES,
+    TAG_PICKLE,
+    cannot_unpickle,
+    decode,
+    encode,
+    note_transit,
+)
 from ._errors import ChannelClosed, EndOfChannel, SerializationError, WouldBlock
 from ._wake import Waiter, current_waiter, wake
 
@@ -188,6 +196,7 @@ class Channel:
 
     def __reduce__(self) -> tuple[Any, ...]:
         self._core.transit(1)
+        note_transit(self._core)
         return (_open_channel, (self._name,))
 
     # ------------------------------------------------------------ properties
@@ -610,8 +619,8 @@ class Channel:
             if tag == TAG_PICKLE:
                 try:
                     return _loads(data)
-                except Exception as exc:
-                    raise SerializationError(f"cannot unpickle value: {exc}") from exc
+                except BaseException as exc:
+                    raise cannot_unpickle("value", exc) from exc
             return self._decode(data, tag, blob)
         if st == CLOSED:
             raise EndOfChannel("channel closed and drained")

@@ -44,7 +44,7 @@ from typing import Any
 
 from . import _core, _shm
 from ._clock import monotonic_to_unix, remaining, unix_to_monotonic
-from ._codec import dumps
+from ._codec import dumps, note_transit
 from ._errors import Cancelled, DeadlineExceeded
 from ._wake import current_waiter, wake
 
@@ -126,6 +126,7 @@ class _Node:
 
     def __reduce__(self) -> tuple[Any, ...]:
         self.core.transit(1)
+        note_transit(self.core)
         return (_open_node, (self.name,))
 
 

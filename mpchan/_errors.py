@@ -7,6 +7,7 @@ Every error mpchan raises on purpose derives from :class:`MpchanError`.
 
 from __future__ import annotations
 
+import pickle
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -17,10 +18,12 @@ __all__ = [
     "DeadlockError",
     "EndOfChannel",
     "MpchanError",
+    "PicklingError",
     "RemoteError",
     "SerializationError",
     "ShutdownError",
     "TaskTimeout",
+    "UnpicklingError",
     "WorkerCrashed",
     "WouldBlock",
 ]
@@ -43,7 +46,22 @@ class WouldBlock(MpchanError):
 
 
 class SerializationError(MpchanError):
-    """A value could not be pickled or unpickled; ``__cause__`` is the pickle error."""
+    """A value could not be pickled or unpickled; ``__cause__`` is the pickle error.
+
+    What mpchan raises is one of its two subclasses, which say on which side
+    it failed: :class:`PicklingError` (also a :class:`pickle.PicklingError`,
+    so code written for ``ProcessPoolExecutor`` catches it) or
+    :class:`UnpicklingError` (also a :class:`pickle.UnpicklingError`).
+    """
+
+
+class PicklingError(SerializationError, pickle.PicklingError):
+    """A value could not be pickled (raised where it was being pickled: the
+    sender, a task's caller, or the worker pickling a task's result)."""
+
+
+class UnpicklingError(SerializationError, pickle.UnpicklingError):
+    """A value could not be unpickled (raised where it was being unpickled)."""
 
 
 class Cancelled(MpchanError):

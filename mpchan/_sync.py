@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _core, _shm
 from ._channel import _effective_deadline, _park
+from ._codec import note_transit
 from ._wake import current_waiter, wake
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class WaitGroup:
 
     def __reduce__(self) -> tuple[Any, ...]:
         self._core.transit(1)
+        note_transit(self._core)
         return (WaitGroup._attach, (self._seg.name,))
 
     def add(self, n: int) -> None:

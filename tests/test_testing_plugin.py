@@ -52,7 +52,11 @@ def _kill_if_sleeper(pid: int) -> None:
 
 @pytest.fixture
 def shm_name() -> Iterator[str]:
-    name = f"mpchan-plugin-test-{uuid.uuid4().hex}"
+    # A name of this program's session, which the inner run inherits
+    # (MPCHAN_SESSION): the plugin counts only its own session's segments.
+    from mpchan import _shm
+
+    name = f"mpchan-{_shm.session_token()}-zplugintest{uuid.uuid4().hex}"
     yield name
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(SHM_DIR, name))
@@ -183,6 +187,25 @@ def test_unrelated_shm_file_is_ignored(pytester: pytest.Pytester) -> None:
             pytester,
             f"""
             def test_other_file():
+                open({path!r}, "wb").close()
+            """,
+        )
+        result.assert_outcomes(passed=1)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def test_other_sessions_segments_are_ignored(pytester: pytest.Pytester) -> None:
+    # Another mpchan program running beside the tests (its own session token)
+    # makes and removes segments as it pleases: not this test's leak.
+    name = f"mpchan-{uuid.uuid4().hex[:12]}-c{uuid.uuid4().hex[:16]}"
+    path = os.path.join(SHM_DIR, name)
+    try:
+        result = _run(
+            pytester,
+            f"""
+            def test_other_program():
                 open({path!r}, "wb").close()
             """,
         )

@@ -11,8 +11,10 @@ What counts as a leak, compared with a snapshot taken before the test:
   before, except idle processes of mpchan's warm cache and mpchan's reaper
   (and the standard library's forkserver and resource tracker, which live as
   long as the program by design);
-- a file in the shared-memory directory (``/dev/shm`` on Linux) whose name
-  starts with ``mpchan-`` that did not exist before;
+- a file in the shared-memory directory (``/dev/shm`` on Linux) of this
+  program's mpchan session (``mpchan-<session>-...``) that did not exist
+  before (segments of other mpchan programs running meanwhile are not
+  counted);
 - a live thread that did not exist before, except threads named
   ``mpchan-infra...``.
 
@@ -43,6 +45,7 @@ _GRACE_INI = "mpchan_leak_grace"
 _DEFAULT_GRACE = 3.0
 _POLL_INTERVAL = 0.02
 _SHM_PREFIX = "mpchan-"
+_SESSION_ENV = "MPCHAN_SESSION"
 _INFRA_THREAD_PREFIX = "mpchan-infra"
 # Command-line fragments of long-lived infrastructure processes: started
 # lazily by the first test that needs them and alive until the program ends.
@@ -105,11 +108,18 @@ def _live_children() -> dict[_ProcKey, psutil.Process]:
 
 
 def _shm_files() -> frozenset[str]:
+    # Only this program's own segments: their names carry its session token
+    # (MPCHAN_SESSION, set when the program makes its first one); another
+    # mpchan program running beside the tests is none of their business.
+    token = os.environ.get(_SESSION_ENV, "").partition(":")[0]
+    if not token:
+        return frozenset()
+    prefix = f"{_SHM_PREFIX}{token}-"
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return frozenset()
-    return frozenset(n for n in names if n.startswith(_SHM_PREFIX))
+    return frozenset(n for n in names if n.startswith(prefix))
 
 
 def _snapshot() -> _Snapshot:
