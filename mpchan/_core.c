@@ -1411,7 +1411,9 @@ static PyTypeObject ChanType = {
  * with one call per item instead of two (list() of a pool's map spends much
  * of its time there), and with ``__length_hint__`` (``hint`` items in all,
  * -1: unknown) so that list() allocates once.  ``close()`` closes ``chunks``
- * (a generator) and drops the current list. */
+ * (a generator) and drops the current list.  The lists are consumed: each
+ * item's slot is set to None as the item is handed out, so a map keeps no
+ * result it has yielded (the lists must be the iterator's own). */
 
 typedef struct {
     PyObject_HEAD
@@ -1463,10 +1465,13 @@ static PyObject *ChunkIter_next(ChunkIterObject *self) {
         PyObject *cur = self->cur;
         if (cur != NULL) {
             if (self->pos < PyList_GET_SIZE(cur)) {
+                /* The list's reference passes to the caller, and its slot
+                 * holds None: an item handed out is not kept alive here
+                 * while the rest of its chunk is read. */
                 PyObject *item = PyList_GET_ITEM(cur, self->pos);
+                PyList_SET_ITEM(cur, self->pos, Py_NewRef(Py_None));
                 self->pos++;
                 if (self->left > 0) self->left--;
-                Py_INCREF(item);
                 return item;
             }
             Py_CLEAR(self->cur);

@@ -2,14 +2,14 @@
 
 Flow of one ``map`` call::
 
-    input --slice / islice(chunk size)--> pool._submit_chunk --> Task (PoolFuture)
+    input --slice / islice(chunk size)--> pool.submit_chunk --> Task (PoolFuture)
          ^ read only while the window has room          |
          |                                              v
     caller <-- ChunkIter <-- _chunks() <-- next finished Task (in order,
                (items, C)    (per chunk)       or as finished)
 
 Replies: between chunks the caller takes buffered replies itself
-(``Pool._poll_replies``), and with nothing to do it waits on the result
+(``Dispatch.poll_replies``), and with nothing to do it waits on the result
 channel (woken by every reply) or for the collector to settle a chunk
 (``_Note``): no reply waits for another thread to get the GIL.
 
@@ -40,15 +40,15 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
+from ._codec import cannot_unpickle
 from ._core import ChunkIter
-from ._errors import SerializationError
 from ._pooltask import Task
 from ._poolworker import CHUNK1, CHUNKN
 from ._wake import current_waiter, wake
 from ._worker import decode_reply
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._pooldispatch import Dispatch
 
 __all__ = ["MapRun"]
 
@@ -65,7 +65,8 @@ class MapRun:
 
     def __init__(
         self,
-        pool: Pool,
+        owner: object,
+        pool: Dispatch,
         fn: Callable[..., Any],
         iterables: tuple[Iterable[Any], ...],
         timeout: float | None,
@@ -74,8 +75,14 @@ class MapRun:
         buffersize: int | None,
         progress: bool,
     ) -> None:
+        self.owner = owner  # the Pool facade: alive while its results are read
         self.pool = pool
         self.fn = fn
+        # A function by value is pickled once for the whole map (and sent
+        # once to each worker); one that cannot be fails its chunks.
+        self.ref: tuple[int, bytes] | None = None
+        with contextlib.suppress(Exception):
+            self.ref = pool.function_ref(fn)
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
         self.chunksize = chunksize
@@ -94,7 +101,7 @@ class MapRun:
         with contextlib.suppress(TypeError):
             total = min(len(x) for x in iterables)  # type: ignore[arg-type]
         self.total = total
-        workers = pool.workers
+        workers = pool.nworkers
         self.cap = _CHUNK_MAX if total is None else max(1, math.ceil(total / (4 * workers)))
         self.buffersize = buffersize
         self.window = _WINDOW_PER_WORKER * workers
@@ -126,7 +133,7 @@ class MapRun:
             size = self.chunksize
         elif self.per_item is None:
             size = 1  # probe: a long task must not take a big chunk with it
-            if self.probes >= self.pool.workers and self.inflight and not self.waited:
+            if self.probes >= self.pool.nworkers and self.inflight and not self.waited:
                 # Every worker has a probe: give the first one a few ms to
                 # answer (once). Tiny tasks answer, and get big chunks at
                 # once; a task that does not answer is long, and single
@@ -135,7 +142,7 @@ class MapRun:
                 first = self.inflight[0].future
                 end = time.monotonic() + _CHUNK_TARGET
                 while self.per_item is None and not first.done():
-                    if self.pool._poll_replies():
+                    if self.pool.poll_replies():
                         continue
                     left = end - time.monotonic()
                     if left <= 0:
@@ -160,18 +167,18 @@ class MapRun:
 
     def top_up(self) -> None:
         pool = self.pool
-        pool._poll_replies()
+        pool.poll_replies()
         self._take_done()
         # Chunks at the workers stay within the window; finished ones wait
         # to be yielded in order, at most another window's worth of them.
         while not self.exhausted and self._has_room():
             if self.buffersize is not None and self.items_inflight >= self.buffersize:
                 return
-            if pool._closed or (pool._ctx is not None and pool._ctx.draining):
-                if pool._quiet_stop():
+            if pool.draining():
+                if pool.quiet_stop():
                     self.exhausted = True  # a drain: stop intake, yield what is in flight
                     return
-                pool._check_open()
+                pool.check_open()
             size = self.next_size()
             items: Sequence[Any]
             if self.seq is not None:
@@ -182,7 +189,7 @@ class MapRun:
             if not items:
                 self.exhausted = True
                 return
-            task = pool._submit_chunk(self.fn, items, self.kind, self)
+            task = pool.submit_chunk(self.fn, self.ref, items, self.kind, self)
             # The callback holds the note, not the task: a task <-> future
             # cycle would keep the pool's channels alive until a GC pass.
             self.by_future[task.future] = task
@@ -261,7 +268,7 @@ class MapRun:
                 task = next(iter(done))
                 self.inflight.remove(task)
                 break
-            if self.pool._poll_replies():
+            if self.pool.poll_replies():
                 continue  # settled here, without waiting for the collector
             if self.note.q:
                 continue
@@ -283,7 +290,7 @@ class MapRun:
         note.waiting = True
         try:
             if not note.q:
-                self.pool._wait_replies(timeout)
+                self.pool.wait_replies(timeout)
         finally:
             note.waiting = False
 
@@ -293,11 +300,8 @@ class MapRun:
         data = task.future.result()
         try:
             values, failure = _loads(data)
-        except Exception as e:
-            err = SerializationError(
-                f"cannot unpickle the result of {task.name}: {type(e).__name__}: {e}"
-            )
-            raise err from e
+        except BaseException as e:
+            raise cannot_unpickle(f"the result of {task.name}", e) from e
         return values, failure
 
 

@@ -287,6 +287,24 @@ class Supervisor:
                 return worker
         return self._new_worker()
 
+    def start_worker(self, boot: Any = None) -> Worker:
+        """Start a new worker process for the caller's exclusive use (never a cached one).
+
+        ``boot`` travels as an argument of the process start (pickled by
+        multiprocessing for spawn and forkserver, inherited with fork), so
+        it may hold what only a starting process may get (``mp.Queue``,
+        ``mp.Lock``...); the worker's tasks take it with
+        :func:`mpchan._worker.take_boot`. A ``boot`` that cannot be passed
+        raises what the start raised, and no process is left.
+
+        Blocks: while the process starts. Cancellation: none; raises
+        :class:`ShutdownError` if shutdown began. Process safety: any thread
+        of the process that created the supervisor.
+        """
+        with self._lock:
+            self._check_open()
+        return self._new_worker(boot)
+
     def release(self, worker: Worker) -> None:
         """Give back a worker obtained from :meth:`acquire` and not running a task.
 
@@ -511,7 +529,7 @@ class Supervisor:
             return "forkserver"
         return "fork"
 
-    def _start_worker(self) -> Worker:
+    def _start_worker(self, boot: Any = None) -> Worker:
         method = self._method_for_start()
         ctx = multiprocessing.get_context(method)
         if method == "forkserver":
@@ -531,23 +549,27 @@ class Supervisor:
                 close_fds += [parent_conn.fileno(), watch_w.fileno(), self._wake_r, self._wake_w]
             process = ctx.Process(  # type: ignore[attr-defined]
                 target=worker_main,
-                args=(child_conn, watch_r, wid, close_fds),
+                args=(child_conn, watch_r, wid, close_fds, boot),
                 name=f"mpchan-worker-{wid}",
                 daemon=False,
             )
             try:
                 process.start()
+            except BaseException:
+                parent_conn.close()
+                watch_w.close()
+                raise
             finally:
                 child_conn.close()
                 watch_r.close()
         return Worker(wid, process, parent_conn, watch_w, method)
 
-    def _new_worker(self) -> Worker:
+    def _new_worker(self, boot: Any = None) -> Worker:
         # Start a process and register it as held by the caller. The thread
         # starts first: made right after a fork, it would pay for the
         # copy-on-write faults of every page it touches (milliseconds).
         self._ensure_thread()
-        worker = self._start_worker()
+        worker = self._start_worker(boot)
         with self._lock:
             closed = self._closed
             if not closed:

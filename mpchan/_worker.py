@@ -8,14 +8,20 @@ imports them from here instead of repeating the format.
 
 Wire format (one ``Connection.send_bytes`` message each)::
 
-    parent -> worker   b"T" + cloudpickle((fn, args, kwargs))     run a task
+    parent -> worker   b"T" + pickle((fn, args, kwargs))          run a task
                        b"Q"                                        exit now
-    worker -> parent   b"R" + pickle(value)  (cloudpickle if need be) fn returned
+    worker -> parent   b"R" + pickle(value)                        fn returned
                        b"E" + pickle(_Failure)                     fn raised
                        b"S" + pickle(_Failure)                     (un)pickling failed
 
+    (pickled by ``_codec.pickle_value``: by reference where the worker can
+    import a function or class, by value with cloudpickle where not)
+
 A worker answers every ``T`` with exactly one reply, in order, and never
-writes anything else. Pickling of the task happens in the caller of ``go``;
+writes anything else. A process may also be given a *boot* value when it
+starts (``worker_main``'s ``boot``: process arguments, so it may hold what
+multiprocessing passes only to a starting process, such as an ``mp.Queue``);
+its tasks take it with :func:`take_boot`. Pickling of the task happens in the caller of ``go``;
 unpickling of the reply happens in whoever asks for the result.
 
 Signals: a worker ignores SIGINT (one Ctrl-C in a terminal reaches the whole
@@ -31,15 +37,13 @@ leaves at once with :data:`ORPHANED_EXITCODE`.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import pickle
 import signal
 import sys
 import threading
-import types
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -55,6 +59,9 @@ __all__ = [
     "decode_reply",
     "describe_callable",
     "encode_task",
+    "leave",
+    "release_shared_memory",
+    "take_boot",
     "worker_main",
 ]
 
@@ -116,54 +123,17 @@ def describe_callable(fn: Any) -> str:
 
 
 def encode_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Pickle a task for a worker; raise :class:`SerializationError` if it cannot be.
+    """Pickle a task for a worker; raise :class:`PicklingError` if it cannot be.
 
     Runs in the caller, so nothing was sent and no worker was touched when it
     fails. Never blocks (beyond the pickling itself).
     """
-    task = (fn, args, kwargs)
-    if "cloudpickle" not in sys.modules and _by_name(fn):
-        # Until cloudpickle is loaded (its import costs tens of milliseconds,
-        # a good part of a fork worker's start-up), a task that plain pickle
-        # encodes exactly as cloudpickle would -- everything by name from an
-        # importable module -- goes with plain pickle. Nothing can have been
-        # registered to go by value yet, so only __main__ and objects pickle
-        # cannot name go by value; _ByNamePickler refuses those.
-        try:
-            buf = io.BytesIO()
-            _ByNamePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(task)
-            return TASK + buf.getvalue()
-        except Exception:
-            pass  # cloudpickle decides, and reports what cannot be pickled
-    import cloudpickle
+    from ._codec import cannot_pickle, pickle_value
 
     try:
-        data: bytes = cloudpickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as e:
-        from ._errors import SerializationError
-
-        raise SerializationError(
-            f"cannot pickle the task {describe_callable(fn)}: {type(e).__name__}: {e}"
-        ) from e
-    return TASK + data
-
-
-def _by_name(obj: Any) -> bool:
-    # A function or class that plain pickle would save as a reference, where
-    # cloudpickle would too.
-    module = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", "")
-    return module is not None and module != "__main__" and "<locals>" not in qualname
-
-
-class _ByNamePickler(pickle.Pickler):
-    """Plain pickle that refuses what cloudpickle would send by value."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        # Not called for str, int, list, dict and other plain containers.
-        if isinstance(obj, (type, types.FunctionType)) and not _by_name(obj):
-            raise pickle.PicklingError(f"{obj!r} goes by value")
-        return NotImplemented
+        return TASK + pickle_value((fn, args, kwargs))
+    except BaseException as e:
+        raise cannot_pickle(f"the task {describe_callable(fn)}", e) from e
 
 
 def decode_reply(reply: bytes, *, where: str) -> Any:
@@ -180,24 +150,24 @@ def decode_reply(reply: bytes, *, where: str) -> Any:
     :class:`SerializationError` with the original error as ``__cause__``.
     Never blocks (beyond the unpickling itself).
     """
-    from ._errors import RemoteError, SerializationError
+    from ._codec import cannot_unpickle
+    from ._errors import PicklingError, RemoteError, UnpicklingError
 
     view = memoryview(reply)
     tag = bytes(view[:1])
     if tag == RESULT:
         try:
             return pickle.loads(view[1:])
-        except Exception as e:
-            raise SerializationError(
-                f"cannot unpickle the result of {where}: {type(e).__name__}: {e}"
-            ) from e
+        except BaseException as e:
+            raise cannot_unpickle(f"the result of {where}", e) from e
     if tag not in (RAISED, BROKEN):
         raise RemoteError("ProtocolError", f"unexpected reply tag {tag!r} from {where}")
     failure = _Failure(*pickle.loads(view[1:]))
     exc = _rebuild(failure, where)
     if tag == RAISED:
         raise exc
-    raise SerializationError(
+    cls = PicklingError if failure.stage.startswith("pickling") else UnpicklingError
+    raise cls(
         f"{failure.stage} failed in {where}: {failure.type_name}: {failure.message}"
     ) from exc
 
@@ -209,7 +179,7 @@ def _rebuild(failure: _Failure, where: str) -> BaseException:
     if failure.exc is not None:
         try:
             loaded = pickle.loads(failure.exc)
-        except Exception:
+        except BaseException:
             loaded = None
         if isinstance(loaded, BaseException):
             exc = loaded
@@ -225,8 +195,22 @@ def _rebuild(failure: _Failure, where: str) -> BaseException:
 # ---------------------------------------------------------------------------
 
 
+_boot: Any = None
+
+
+def take_boot() -> Any:
+    """Return (and forget) the boot value this process was started with. Never blocks."""
+    global _boot
+    value, _boot = _boot, None
+    return value
+
+
 def worker_main(
-    conn: Connection, deathwatch: Connection, worker_id: int, close_fds: Iterable[int] = ()
+    conn: Connection,
+    deathwatch: Connection,
+    worker_id: int,
+    close_fds: Iterable[int] = (),
+    boot: Any = None,
 ) -> None:
     """Run the worker loop until told to quit; never returns.
 
@@ -235,7 +219,7 @@ def worker_main(
     inherited by a forked child that belong to the supervisor (write ends of
     death-watch pipes, parent ends of task connections): they are closed
     first, or this worker would keep its own and its siblings' death watches
-    from ever seeing end of file.
+    from ever seeing end of file. ``boot`` is kept for :func:`take_boot`.
 
     Blocks: for the whole life of the worker. The process ends with
     ``os._exit`` (status 0 after ``QUIT`` or when the task connection closes),
@@ -244,6 +228,9 @@ def worker_main(
     SIGKILL, or dies (the death watch then ends the worker).
     Process safety: called once, by the bootstrap of a fresh worker process.
     """
+    global _boot
+    _boot = boot
+    del boot
     for fd in close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -256,8 +243,17 @@ def worker_main(
     try:
         _serve(conn, worker_id)
     finally:
-        _flush_std_streams()
-        os._exit(0)
+        leave()
+
+
+def leave() -> NoReturn:
+    """End this worker process now, with status 0: flush stdout and stderr,
+    stop holding the shared memory it maps, then ``os._exit`` (no inherited
+    atexit hook runs). Never returns."""
+    _flush_std_streams()
+    with contextlib.suppress(BaseException):
+        release_shared_memory()
+    os._exit(0)
 
 
 def _watch_supervisor(deathwatch: Connection) -> None:
@@ -271,12 +267,13 @@ def _watch_supervisor(deathwatch: Connection) -> None:
     except BaseException:
         pass
     try:
-        _detach_shared_memory()
+        release_shared_memory()
     finally:
         os._exit(ORPHANED_EXITCODE)
 
 
-def _detach_shared_memory() -> None:
+def release_shared_memory() -> None:
+    """Stop holding every segment this process maps (before it ends). Never blocks."""
     # Uncount this process as a holder of every segment it maps before it
     # goes, unlinking those it held last. The reaper would otherwise have to
     # wait for this pid to disappear, and an orphan that nobody reaps stays
@@ -332,17 +329,9 @@ def _run_one(msg: bytes) -> bytes:
 
 
 def _dumps(obj: Any) -> bytes:
-    # Plain pickle first: it is what most values need, and it checks that a
-    # class or function it pickles by name is the very object importable
-    # under that name -- so anything made by cloudpickle in this process (a
-    # class sent by value) fails here and goes by value too.
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        import cloudpickle
+    from ._codec import pickle_value
 
-        data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        return data
+    return pickle_value(obj)
 
 
 def _encode_failure(exc: BaseException, stage: str, skip_frames: int = 0) -> bytes:

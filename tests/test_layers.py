@@ -47,6 +47,7 @@ LAYERS: dict[str, int | str] = {
     "_pool": 7,
     "_pooltask": 7,
     "_poolmap": 7,
+    "_pooldispatch": 7,
     "_group": 7,
     "_stream": 8,
     "_fan": 8,

@@ -139,7 +139,7 @@ def test_shutdown_no_wait_returns_at_once() -> None:
     pool.shutdown(wait=False)
     assert time.monotonic() - started < 0.15
     assert [f.result(timeout=WAIT) for f in futs] == [0, 1, 2]
-    pool._wait_stopped(WAIT)
+    pool._d.wait_stopped(WAIT)
 
 
 def test_shutdown_cancel_futures() -> None:
