@@ -121,14 +121,15 @@ def _reimported_path(module: Any) -> str | None:
     # The file a spawned or forkserver worker runs as __mp_main__, following
     # multiprocessing.spawn's own choice: by module name (python -m, but not
     # a package's __main__), else by path; nothing for an interactive
-    # session, python -c, stdin or an IPython kernel.
+    # session, python -c, an IPython kernel, or a program read from stdin
+    # (whose path "<stdin>" mpchan's workers skip: see _supervisor).
     if module is None or sys.flags.interactive:
         return None
     spec_name = getattr(getattr(module, "__spec__", None), "name", None)
     if spec_name is not None and (spec_name == "__main__" or spec_name.endswith(".__main__")):
         return None
     path = getattr(module, "__file__", None)
-    if not isinstance(path, str) or not path.endswith(".py"):
+    if not isinstance(path, str):
         return None
     if os.path.splitext(os.path.basename(path))[0] == "ipython":
         return None

@@ -532,6 +532,8 @@ class Supervisor:
     def _start_worker(self, boot: Any = None) -> Worker:
         method = self._method_for_start()
         ctx = multiprocessing.get_context(method)
+        if method != "fork":
+            _skip_missing_main()
         if method == "forkserver":
             _preload_worker_in_forkserver()
         wid = next(self._ids)
@@ -550,7 +552,7 @@ class Supervisor:
             process = ctx.Process(  # type: ignore[attr-defined]
                 target=worker_main,
                 args=(child_conn, watch_r, wid, close_fds, boot),
-                name=f"mpchan-worker-{wid}",
+                name=f"{_WORKER_NAME}{wid}",
                 daemon=False,
             )
             try:
@@ -771,6 +773,35 @@ def _env_idle_timeout() -> float:
     except ValueError:
         raise ValueError(f"MPCHAN_IDLE_TIMEOUT must be a number of seconds, not {raw!r}") from None
     return max(0.0, value)
+
+
+_WORKER_NAME = "mpchan-worker-"
+_prep_patched = False
+
+
+def _skip_missing_main() -> None:
+    # A spawned or forkserver child re-imports the parent's main script by
+    # its path; a program read from stdin (``python - < job.py``) has the
+    # path "<stdin>", which no child can run, and every worker would die at
+    # start. mpchan's own workers then skip the main module (its functions
+    # go by value: see _codec); other processes are left as they are.
+    global _prep_patched
+    if _prep_patched:
+        return
+    _prep_patched = True
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+
+    def preparation_data(name: str) -> dict[str, Any]:
+        data: dict[str, Any] = original(name)
+        if name.startswith(_WORKER_NAME):
+            path = data.get("init_main_from_path")
+            if path is not None and not os.path.isfile(path):
+                del data["init_main_from_path"]
+        return data
+
+    spawn.get_preparation_data = preparation_data
 
 
 _preloaded = False

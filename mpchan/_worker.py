@@ -167,9 +167,7 @@ def decode_reply(reply: bytes, *, where: str) -> Any:
     if tag == RAISED:
         raise exc
     cls = PicklingError if failure.stage.startswith("pickling") else UnpicklingError
-    raise cls(
-        f"{failure.stage} failed in {where}: {failure.type_name}: {failure.message}"
-    ) from exc
+    raise cls(f"{failure.stage} failed in {where}: {failure.type_name}: {failure.message}") from exc
 
 
 def _rebuild(failure: _Failure, where: str) -> BaseException:
@@ -247,9 +245,22 @@ def worker_main(
 
 
 def leave() -> NoReturn:
-    """End this worker process now, with status 0: flush stdout and stderr,
-    stop holding the shared memory it maps, then ``os._exit`` (no inherited
-    atexit hook runs). Never returns."""
+    """End this worker process now, with status 0. Never returns.
+
+    What a process of ``multiprocessing`` does when its target returns,
+    then ``os._exit`` (no inherited atexit hook runs): stop the workers this
+    one started itself, run multiprocessing's finalizers (an ``mp.Queue``
+    a task put into is flushed to its pipe), flush stdout and stderr, and
+    stop holding the shared memory it maps.
+    """
+    with contextlib.suppress(BaseException):
+        sup = sys.modules.get(__name__.rpartition(".")[0] + "._supervisor")
+        if sup is not None:
+            sup._shutdown_all()
+    with contextlib.suppress(BaseException):
+        util = sys.modules.get("multiprocessing.util")
+        if util is not None:
+            util._run_finalizers()
     _flush_std_streams()
     with contextlib.suppress(BaseException):
         release_shared_memory()
