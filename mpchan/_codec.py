@@ -73,6 +73,7 @@ __all__ = [
     "encode",
     "note_transit",
     "pickle_value",
+    "release_unread",
 ]
 
 TAG_PICKLE = 0
@@ -429,6 +430,24 @@ def decode(tag: int, payload: Any, buffers: list[Any] | None = None) -> Any:
         return _loads(payload, buffers=buffers)
     except BaseException as exc:
         raise cannot_unpickle("value", exc) from exc
+
+
+_HANDLE_MARK = b"mpchan-"  # every handle pickles the name of its segment
+
+
+def release_unread(data: Any) -> None:
+    """Pickled bytes that nobody will unpickle are being dropped (a reply
+    never read, a result of a cancelled task): if they may hold handles
+    (their segment names), unpickle and drop them now, so the segments'
+    transit counts are taken back and nothing is pinned until the program
+    ends. Never raises. Never blocks."""
+    try:
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)  # a memoryview's "in" looks for one byte, not bytes
+        if _HANDLE_MARK in data:
+            _loads(data)
+    except BaseException:
+        pass
 
 
 # ---------------------------------------------------------------- functions by value

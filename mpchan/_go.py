@@ -15,7 +15,8 @@ from concurrent.futures import Future
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from . import _supervisor
-from ._worker import decode_reply, describe_callable, encode_task
+from ._codec import release_unread
+from ._worker import RESULT, decode_reply, describe_callable, encode_task
 
 __all__ = ["GoHandle", "go", "shutdown"]
 
@@ -102,6 +103,16 @@ class GoHandle(Generic[T]):
         Never blocks. Process safety: any thread of the process that called ``go``.
         """
         self._future.add_done_callback(lambda _f: fn(self))
+
+    def __del__(self) -> None:
+        # A result nobody read may hold handles (a channel the goroutine
+        # made and returned): let their segments go with this handle.
+        fut = self._future
+        unread = self._value is _UNSET and self._exc is None
+        if unread and fut.done() and not fut.cancelled() and fut.exception() is None:
+            reply = fut.result()
+            if reply[:1] == RESULT:
+                release_unread(memoryview(reply)[1:])
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"

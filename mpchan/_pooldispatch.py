@@ -101,7 +101,13 @@ from typing import Any
 
 from . import _supervisor
 from ._channel import Channel
-from ._codec import FunctionCache, cannot_pickle, cannot_unpickle, pickle_value
+from ._codec import (
+    FunctionCache,
+    cannot_pickle,
+    cannot_unpickle,
+    pickle_value,
+    release_unread,
+)
 from ._context import Context
 from ._errors import (
     Cancelled,
@@ -500,7 +506,7 @@ class Dispatch:
         # Caller holds _lock: the task is its worker's head (or was taken).
         if not task.started:
             task.started = True
-            with contextlib.suppress(RuntimeError):
+            if task.future._state == PENDING:  # not when it is retried
                 task.future.set_running_or_notify_cancel()
 
     def _send(self, slot: Slot, tasks: list[Task]) -> int:
@@ -884,6 +890,13 @@ class Dispatch:
 
     def _settle(self, task: Task, reply: memoryview, wid: int) -> None:
         fut = task.future
+        if fut.done() or (task.owner is not None and task.owner.closed):
+            # Cancelled or killed meanwhile, or its map was closed: nobody
+            # will read this.
+            release_unread(reply[1:])
+            with contextlib.suppress(InvalidStateError):
+                fut.set_result(None)
+            return
         if task.owner is not None and reply[0] == _R:
             # A map chunk: its caller unpickles the values when it needs them,
             # so this thread is back at the result channel sooner.

@@ -40,7 +40,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
-from ._codec import cannot_unpickle
+from ._codec import cannot_unpickle, release_unread
 from ._core import ChunkIter
 from ._pooltask import Task
 from ._poolworker import CHUNK1, CHUNKN
@@ -111,6 +111,7 @@ class MapRun:
         self.probes = 0
         self.grow = 1
         self.waited = False
+        self.closed = False
         self.inflight: deque[Task] = deque()
         self.items_inflight = 0
         self.exhausted = False
@@ -242,8 +243,13 @@ class MapRun:
                 if failure is not None:
                     decode_reply(failure, where=f"a pool worker running {task.name}")
         finally:
+            self.closed = True  # replies still to come are nobody's (Dispatch._settle)
             for task in self.inflight:
-                task.future.cancel()
+                fut = task.future
+                if not fut.cancel() and fut.done() and fut.exception() is None:
+                    # Finished and never yielded: handles in it must not
+                    # pin their segments.
+                    release_unread(fut.result())
             self.inflight.clear()
             self.done.clear()
             self.by_future.clear()

@@ -475,3 +475,20 @@ def test_initargs_may_hold_multiprocessing_queues_locks_events_values(method: st
     assert value.value == 10
     q.close()
     q.join_thread()
+
+
+def test_a_dropped_result_holding_a_channel_leaves_no_segment() -> None:
+    before = _session_segments()
+    h = mpchan.go(make_channel)
+    h.join(timeout=WAIT)
+    del h  # never read: the channel in its result must not stay pinned
+    with Pool(2) as p:
+        it = p.map(make_channel_for, range(8), chunksize=1)
+        next(it)
+        it.close()  # the rest is never read
+    mpchan.shutdown()
+    assert _wait_until(lambda: _session_segments() <= before, 10), _session_segments() - before
+
+
+def make_channel_for(_: int) -> mpchan.Channel:
+    return make_channel()
