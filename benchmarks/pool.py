@@ -313,7 +313,9 @@ def _scaling(maker: Maker, runner: Runner) -> Callable[[Mapping[str, Any]], floa
 def _startup_child(maker: Maker, runner: Runner, warm: bool) -> float:
     _may_have_children()
     if warm:
-        # A pool made and shut down before: mpchan keeps its processes warm.
+        # A pool made and shut down before: the forkserver (and the program's
+        # imports) are ready; the new pool's processes are new (a pool's
+        # workers exit with it).
         pool, close = maker()
         _check(runner(pool, inc, [0]), 1, 1)
         if hasattr(pool, "shutdown"):
@@ -428,7 +430,7 @@ STARTUP = Scenario(
             available=_mpchan_available,
         ),
         Contender(
-            "mpchan (warm cache)",
+            "mpchan (second pool)",
             _startup(_mpchan_pool, _submit_each, warm=True),
             kind="mpchan",
             available=_mpchan_available,
@@ -450,9 +452,9 @@ STARTUP = Scenario(
     params=lambda quick: {},
     description="From creating the pool (in a fresh process) to holding the result of one "
     "trivial task. 'mpchan' uses its default start method (forkserver on Linux: the "
-    "server itself starts first); 'mpchan (fork)' forks like the peers; 'mpchan (warm "
-    "cache)' makes a second pool after a first one was shut down: its worker processes "
-    "come from the supervisor's warm cache.",
+    "server itself starts first); 'mpchan (fork)' forks like the peers; 'mpchan (second "
+    "pool)' makes a second pool after a first one was shut down: the forkserver runs "
+    "already, and the pool starts fresh processes (a pool's workers exit with it).",
 )
 
 SCENARIOS: list[Scenario] = [MAP_TINY, SUBMIT, SCALING, STARTUP]

@@ -8,7 +8,7 @@ Every error mpchan raises on purpose derives from :class:`MpchanError`.
 from __future__ import annotations
 
 import pickle
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import Any
 
 __all__ = [
@@ -164,3 +164,11 @@ class RemoteError(MpchanError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.type_name, self.message, self.traceback))
+
+
+def remote_traceback(text: str) -> BaseException:
+    """The carrier of a remote traceback's text, to set as an exception's
+    ``__cause__`` (the remote frames then print above the local ones):
+    ``concurrent.futures``' own class, so code written for
+    ``ProcessPoolExecutor`` that looks for it finds it. Never blocks."""
+    return _RemoteTraceback(text)  # type: ignore[arg-type]  # a str at run time

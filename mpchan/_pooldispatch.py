@@ -201,6 +201,7 @@ class Dispatch:
         self._retries = retries
         self.ctx = ctx
         self._fns = FunctionCache()
+        self._maps: weakref.WeakSet[Any] = weakref.WeakSet()  # running MapRuns
         self._tids = itertools.count(1)  # 0 is the tid of a DEFINE
         self._lock = threading.Lock()
         # Lock order: _rx, then _lock. Held by whoever takes replies from the
@@ -285,7 +286,7 @@ class Dispatch:
         if state is State.BROKEN:
             raise WorkerCrashed(f"the pool is broken: {self._reason}") from self._reason
         if state is not State.OPEN:
-            raise ShutdownError("cannot submit to a pool after shutdown or drain began")
+            raise ShutdownError("cannot schedule new futures after shutdown or drain began")
 
     def draining(self) -> bool:
         """True once shutdown or drain began (or the pool's ctx is draining). Never blocks."""
@@ -709,6 +710,12 @@ class Dispatch:
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         """Stop intake; cancel what has not started if asked; with ``wait``,
         return once every worker process has exited (see ``Pool.shutdown``)."""
+        if not cancel_futures and self._state is State.OPEN:
+            # A map made before the shutdown is work that was submitted:
+            # its input goes in now (see MapRun.feed_all).
+            for run in list(self._maps):
+                with contextlib.suppress(Exception):
+                    run.feed_all()
         cancelled: list[Task] = []
         with self._lock:
             self._close(State.SHUTDOWN)
@@ -724,6 +731,14 @@ class Dispatch:
         self._wake()
         if wait and threading.current_thread() is not self._collector:
             self.wait_stopped(None)
+
+    def add_map(self, run: Any) -> None:
+        """Track a running map (held weakly), for :meth:`shutdown`. Never blocks."""
+        self._maps.add(run)
+
+    def discard_map(self, run: Any) -> None:
+        """The map ended. Never blocks."""
+        self._maps.discard(run)
 
     def drain(self) -> None:
         """Stop intake as a drain: a running map ends quietly. Never blocks."""
@@ -857,6 +872,7 @@ class Dispatch:
                     continue  # a reply for a task already settled (killed, cancelled pool)
                 task = slot.queue.popleft()
                 task.slot = None
+                task.pid = slot.worker.pid
                 slot.done += 1
                 if slot.queue:
                     slot.started_at = now
@@ -910,7 +926,7 @@ class Dispatch:
                 except BaseException as e:
                     raise cannot_unpickle(f"the result of {task.name}", e) from e
             else:
-                where = f"pool worker {wid} running {task.name}"
+                where = f"pool worker {wid} (pid {task.pid}) running {task.name}"
                 value = decode_reply(bytes(reply), where=where)
         except BaseException as e:
             self._raised += 1

@@ -34,6 +34,7 @@ import itertools
 import math
 import pickle
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -58,6 +59,7 @@ _CHUNK_TARGET = 0.005  # seconds of calls per automatic chunk
 _CHUNK_MAX = 65536
 _WINDOW_PER_WORKER = 4  # default chunks in flight per worker
 _WAIT_SLICE = 0.25  # longest single wait of the caller (it re-checks after it)
+_FEED_CHUNK = 256  # items per chunk when an input of unknown length is fed at shutdown
 
 
 class MapRun:
@@ -112,6 +114,10 @@ class MapRun:
         self.grow = 1
         self.waited = False
         self.closed = False
+        # Held while the input is read: by the iterating thread (top_up), or
+        # by one that shuts the pool down meanwhile (feed_all). Reentrant: a
+        # done-callback run by the iterating thread may shut the pool down.
+        self.feeding = threading.RLock()
         self.inflight: deque[Task] = deque()
         self.items_inflight = 0
         self.exhausted = False
@@ -121,6 +127,7 @@ class MapRun:
         self.bar: Any = None
         if progress:
             self.bar = progress_bar(total)
+        pool.add_map(self)
 
     def observe(self, secs: float, n: int) -> None:
         # Collector thread: the calls of a finished chunk took ``secs``. Recent
@@ -172,31 +179,55 @@ class MapRun:
         self._take_done()
         # Chunks at the workers stay within the window; finished ones wait
         # to be yielded in order, at most another window's worth of them.
-        while not self.exhausted and self._has_room():
-            if self.buffersize is not None and self.items_inflight >= self.buffersize:
-                return
-            if pool.draining():
-                if pool.quiet_stop():
-                    self.exhausted = True  # a drain: stop intake, yield what is in flight
+        with self.feeding:
+            while not self.exhausted and self._has_room():
+                if self.buffersize is not None and self.items_inflight >= self.buffersize:
                     return
-                pool.check_open()
-            size = self.next_size()
-            items: Sequence[Any]
-            if self.seq is not None:
-                items = self.seq[self.pos : self.pos + size]
-                self.pos += len(items)
-            else:
-                items = list(itertools.islice(self.it, size))
-            if not items:
-                self.exhausted = True
-                return
-            task = pool.submit_chunk(self.fn, self.ref, items, self.kind, self)
-            # The callback holds the note, not the task: a task <-> future
-            # cycle would keep the pool's channels alive until a GC pass.
-            self.by_future[task.future] = task
-            task.future.add_done_callback(self.note.put)
-            self.inflight.append(task)
-            self.items_inflight += task.n
+                if pool.draining():
+                    if pool.quiet_stop():
+                        self.exhausted = True  # a drain: stop intake, yield what is in flight
+                        return
+                    pool.check_open()
+                if not self._submit_next(self.next_size()):
+                    return
+
+    def feed_all(self) -> None:
+        """The pool is shutting down: submit the rest of the input now, as
+        ``Executor.map`` does at the call, so that every result can still be
+        read after the shutdown. A map with a ``buffersize`` stops at the
+        shutdown instead (its memory stays bounded). An endless input keeps
+        the shutdown waiting, as it keeps ``Executor.map`` from returning.
+
+        Blocks: while the input is read and pickled.
+        Process safety: any thread (the iterating thread waits meanwhile).
+        """
+        if self.buffersize is not None:
+            return
+        size = self.chunksize or (self.cap if self.total is not None else _FEED_CHUNK)
+        with self.feeding:
+            while not self.exhausted and self._submit_next(size):
+                pass
+
+    def _submit_next(self, size: int) -> bool:
+        # Caller holds self.feeding. Submit the next ``size`` items; False
+        # once the input is exhausted.
+        items: Sequence[Any]
+        if self.seq is not None:
+            items = self.seq[self.pos : self.pos + size]
+            self.pos += len(items)
+        else:
+            items = list(itertools.islice(self.it, size))
+        if not items:
+            self.exhausted = True
+            return False
+        task = self.pool.submit_chunk(self.fn, self.ref, items, self.kind, self)
+        # The callback holds the note, not the task: a task <-> future
+        # cycle would keep the pool's channels alive until a GC pass.
+        self.by_future[task.future] = task
+        task.future.add_done_callback(self.note.put)
+        self.inflight.append(task)
+        self.items_inflight += task.n
+        return True
 
     def _has_room(self) -> bool:
         # At most a window of chunks at the workers -- or, when they hold
@@ -241,8 +272,11 @@ class MapRun:
                 # from the input and not yet handed to the caller.
                 self.items_inflight -= task.n
                 if failure is not None:
-                    decode_reply(failure, where=f"a pool worker running {task.name}")
+                    decode_reply(
+                        failure, where=f"a pool worker (pid {task.pid}) running {task.name}"
+                    )
         finally:
+            self.pool.discard_map(self)
             self.closed = True  # replies still to come are nobody's (Dispatch._settle)
             for task in self.inflight:
                 fut = task.future

@@ -156,7 +156,12 @@ class PoolFuture(Future[T]):
         """As ``Future.result``; a finished result is returned without locking."""
         if self._state == FINISHED and self._exception is None:
             return self._result  # type: ignore[no-any-return]
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        finally:
+            # As the base class: the raised exception's traceback holds this
+            # frame, which must not hold the future (a reference cycle).
+            self = None  # type: ignore[assignment]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As ``Future.exception``; a finished outcome is read without locking."""
@@ -269,6 +274,7 @@ class Task:
         "msg",
         "n",
         "owner",
+        "pid",
         "retries",
         "slot",
         "started",
@@ -300,6 +306,7 @@ class Task:
         # Invariant: slot and started change only under the pool's _lock.
         self.slot: Slot | None = None  # the worker it is queued at, or None
         self.started = False  # the head of its worker's queue (running there)
+        self.pid = 0  # the worker process that answered it
 
     @property
     def name(self) -> str:

@@ -93,21 +93,6 @@ class _Failure(NamedTuple):
     stage: str  # "" for an exception raised by fn; else what failed
 
 
-class _RemoteTraceback(Exception):
-    """Carries the traceback text of an exception raised in a worker.
-
-    Set as ``__cause__`` of the re-raised exception so the remote frames are
-    printed above the local ones (as ``concurrent.futures.process`` does).
-    """
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
-
-
 # ---------------------------------------------------------------------------
 # Parent side: encoding tasks, decoding replies
 # ---------------------------------------------------------------------------
@@ -171,7 +156,7 @@ def decode_reply(reply: bytes, *, where: str) -> Any:
 
 
 def _rebuild(failure: _Failure, where: str) -> BaseException:
-    from ._errors import RemoteError
+    from ._errors import RemoteError, remote_traceback
 
     exc: BaseException | None = None
     if failure.exc is not None:
@@ -183,7 +168,7 @@ def _rebuild(failure: _Failure, where: str) -> BaseException:
             exc = loaded
     if exc is None:
         exc = RemoteError(failure.type_name, failure.message, failure.traceback)
-    exc.__cause__ = _RemoteTraceback(f'\n"""\n{failure.traceback}"""')
+    exc.__cause__ = remote_traceback(f'\n"""\n{failure.traceback}"""')
     exc.add_note(f"raised in mpchan {where}")
     return exc
 

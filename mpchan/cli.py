@@ -1,6 +1,7 @@
 """The ``mpchan`` command line (edge module: uses the public API, plus the
 supervisor setter for ``--start-method``/``--metrics-port`` until there is a
-public one, and the stream's internal trace option for ``--trace``).
+public one, the stream's internal trace option for ``--trace``, and its
+internal per-item records, to name the item in a failure).
 
 Commands::
 
@@ -12,10 +13,21 @@ Exit status: 0 success, 1 failure (a task failed), 2 usage error (click's
 convention; also a bad MODULE:FUNC, unreadable input, malformed JSON),
 130 after SIGINT, 143 after SIGTERM, 141 when the reader of the output
 went away (``mpchan run ... | head``).
+
+A failure of ``mpchan run`` is one line on stderr, never a traceback
+(``--traceback`` adds the user's own frames)::
+
+    mpchan run: error: item 17 (line 18): ValueError: bad input
+    mpchan run: error: item 17 (value 17) in stage 2 (jobs:score): WorkerCrashed: ...
+    mpchan run: error: in.jsonl:5: malformed JSON: Expecting value
+
+and comes after the results of every item before it.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import importlib
 import importlib.metadata
 import json
@@ -24,7 +36,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import click
 
@@ -115,23 +127,83 @@ def _parse_range(text: str) -> range:
         raise _BadUsage(f"--range {text!r}: expected A:B with integers A and B") from None
 
 
-def _read_items(fh: IO[str], name: str, jsonl: bool) -> Iterator[Any]:
-    """One item a line (the newline stripped); JSON values with ``jsonl``."""
-    lineno = 0
-    try:
-        for lineno, line in enumerate(fh, 1):
-            text = line.rstrip("\r\n")
-            if not jsonl:
-                yield text
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _BadUsage(f"{name}:{lineno}: malformed JSON: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _BadUsage(f"cannot read {name} (line {lineno + 1}): {exc}") from None
+class _Lines:
+    """The items of a file or stdin, one a line (LF or CR LF ends a line).
+
+    The file is read as bytes and every line decoded as UTF-8, so stdin and
+    ``--input`` follow one rule whatever the locale: a line that is not
+    valid UTF-8, like one that is not JSON under ``--jsonl``, ends the input
+    with a usage error naming it (the items before it are processed and
+    written first). With ``jsonl`` every line is parsed as JSON and blank
+    lines are skipped. Remembers the line of every item, for messages.
+
+    Reads the descriptor with ``os.read``, never through a buffered file
+    object: the feeder thread may still be blocked in a read of a terminal
+    or pipe when the program ends (after a drain), and a buffered reader's
+    lock held there would abort the interpreter's shutdown.
+    """
+
+    def __init__(self, fd: int, name: str, jsonl: bool) -> None:
+        self.fd = fd
+        self.name = name
+        self.jsonl = jsonl
+        # Invariant: item i came from line i + 1 + _skipped[j], j the last
+        # entry with _starts[j] <= i (one entry per run of skipped lines).
+        self._starts: list[int] = [0]
+        self._skipped: list[int] = [0]
+
+    def line_of(self, index: int) -> int:
+        j = bisect.bisect_right(self._starts, index) - 1
+        return index + 1 + self._skipped[j]
+
+    def __iter__(self) -> Iterator[Any]:
+        index = skipped = lineno = 0
+        try:
+            for lineno, raw in enumerate(_raw_lines(self.fd), 1):
+                try:
+                    text = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    raise _BadUsage(f"{self.name}:{lineno}: not valid UTF-8") from None
+                value: Any = text
+                if self.jsonl:
+                    if not text.strip():
+                        skipped += 1
+                        continue
+                    try:
+                        value = json.loads(text)
+                    except json.JSONDecodeError as exc:
+                        problem = f"{self.name}:{lineno}: malformed JSON: {exc.msg}"
+                        raise _BadUsage(problem) from None
+                if skipped != self._skipped[-1]:
+                    self._starts.append(index)
+                    self._skipped.append(skipped)
+                yield value
+                index += 1
+        except OSError as exc:
+            raise _BadUsage(
+                f"cannot read {self.name} (line {lineno + 1}): {exc.strerror or exc}"
+            ) from None
+
+
+def _raw_lines(fd: int) -> Iterator[bytes]:
+    """The lines of ``fd`` as bytes, each with its newline (the last maybe without)."""
+    partial = bytearray()  # a line begun in an earlier read
+    while True:
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        start = 0
+        while (end := data.find(b"\n", start) + 1) > 0:
+            if partial:
+                partial += data[start:end]
+                yield bytes(partial)
+                partial.clear()
+            else:
+                yield data[start:end]
+            start = end
+        partial += data[start:]
+    if partial:
+        yield bytes(partial)
 
 
 class _Writer:
@@ -144,9 +216,18 @@ class _Writer:
         self.count = 0
         self.last_flush = time.monotonic()
 
-    def __call__(self, value: Any) -> None:
-        text = json.dumps(value) if self.jsonl else str(value)
-        self.fh.write(text + "\n")
+    def write(self, value: Any) -> str | None:
+        """Write ``value``; None, or why it cannot be written (a failure of its
+        item: not JSON under ``--jsonl``, a ``str()`` that raises, text the
+        output cannot encode). Raises OSError when the output fails."""
+        try:
+            text = json.dumps(value) if self.jsonl else str(value)
+            self.fh.write(text + "\n")  # encodes the whole line first: all or nothing
+        except OSError:
+            raise
+        except Exception as exc:
+            what = "not JSON" if self.jsonl and not isinstance(exc, UnicodeError) else "not text"
+            return f"the result is {what}: {_one_line(exc)}"
         self.count += 1
         if self.progress is not None:
             self.progress.update(1)
@@ -154,6 +235,28 @@ class _Writer:
         if now - self.last_flush >= 0.1:
             self.fh.flush()
             self.last_flush = now
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (the message's first line)."""
+    try:
+        text = str(exc).strip()
+    except Exception:
+        text = ""
+    first, more, _rest = text.partition("\n")
+    name = type(exc).__name__
+    return f"{name}: {first}{' [...]' if more else ''}" if first else name
+
+
+class _Failure(NamedTuple):
+    """What ended a run: the item (its source index) if one, its stage (1-based)
+    if known, the error, and the user's own frames (for ``--traceback``)."""
+
+    item: int | None
+    stage: int | None
+    error: str
+    traceback: str = ""
 
 
 def _progress_bar(enabled: bool | None, total: int | None) -> Any:
@@ -236,12 +339,24 @@ def _write_trace(
     help="Items sent together (default: adaptive, 1 to 16).",
 )
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds per task.")
-@click.option("--retries", type=click.IntRange(min=0), default=0, help="Retries per failed task.")
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Run a failed item again, up to N times: after an exception, a time-out, "
+    "or its worker dying (SIGKILL, os._exit).",
+)
 @click.option(
     "--on-error",
     type=click.Choice(["fail", "skip"]),
     default="fail",
-    help="Stop at the first failed task (default) or skip failed items.",
+    help="Stop at the first failed item (default) or skip failed items.",
+)
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="After the error line of a failed item, print its traceback (the function's frames).",
 )
 @click.option(
     "--progress/--no-progress",
@@ -277,6 +392,7 @@ def run(
     timeout: float | None,
     retries: int,
     on_error: str,
+    show_traceback: bool,
     progress: bool | None,
     start_method: str | None,
     trace_file: str | None,
@@ -285,9 +401,18 @@ def run(
     """Apply MODULE:FUNC to every input item in parallel; several form a pipeline.
 
     FUNC@N runs that stage in N worker processes. MODULE is imported with
-    the current directory on sys.path. The first Ctrl-C stops reading input
-    and lets the items in flight finish (their results are written); a
-    second one stops at once.
+    the current directory on sys.path. Input lines must be UTF-8.
+
+    A failed item (an exception, a result that cannot be pickled or, with
+    --jsonl, is not JSON, a worker that died) ends the run with status 1 and
+    one line on stderr naming it: "mpchan run: error: item 17 (line 18):
+    ValueError: ...". A line that is not valid UTF-8, or not JSON with
+    --jsonl, ends it with status 2 ("mpchan run: error: <stdin>:18: not valid
+    UTF-8"). Either way the results of the items before it are written
+    first. --on-error skip goes on instead, and counts what it skipped.
+
+    The first Ctrl-C stops reading input and lets the items in flight finish
+    (their results are written); a second one stops at once.
     """
     try:
         status = _run(
@@ -306,6 +431,7 @@ def run(
             start_method,
             trace_file,
             metrics_port,
+            show_traceback,
         )
     except _BadUsage as exc:
         click.echo(f"mpchan run: error: {exc}", err=True)
@@ -329,6 +455,7 @@ def _run(
     start_method: str | None,
     trace_file: str | None = None,
     metrics_port: int | None = None,
+    show_traceback: bool = False,
 ) -> int:
     cwd = os.getcwd()
     if not sys.path or sys.path[0] != cwd:
@@ -346,18 +473,18 @@ def _run(
 
     source: Any
     total: int | None = None
-    in_fh: IO[str] | None = None
+    in_fd: int | None = None  # --input FILE, opened here (stdin is never closed)
     if range_text is not None:
         source = _parse_range(range_text)
         total = len(source)
     elif input_file is None or input_file == "-":
-        source = _read_items(sys.stdin, "<stdin>", jsonl)
+        source = _Lines(0, "<stdin>", jsonl)
     else:
         try:
-            in_fh = open(input_file, encoding="utf-8")  # noqa: SIM115 - closed below
+            in_fd = os.open(input_file, os.O_RDONLY)
         except OSError as exc:
             raise _BadUsage(f"cannot read {input_file}: {exc.strerror or exc}") from None
-        source = _read_items(in_fh, input_file, jsonl)
+        source = _Lines(in_fd, input_file, jsonl)
     out_fh: IO[str] = sys.stdout
     if output_file is not None and output_file != "-":
         try:
@@ -369,13 +496,27 @@ def _run(
         trace_fh = _open_trace(trace_file)
         _use_supervisor(start_method, metrics_port)
     except BaseException:
-        for fh in (in_fh, trace_fh, out_fh if out_fh is not sys.stdout else None):
+        if in_fd is not None:
+            os.close(in_fd)
+        for fh in (trace_fh, out_fh if out_fh is not sys.stdout else None):
             if fh is not None:
                 fh.close()
         raise
 
     outcome: dict[str, Any] = {}
     labels = [label for label, _fn, _n in stages]
+
+    def where(index: int | None, stage: int | None) -> str:
+        """How a message names an item: ``item 17 (line 18)``, ``item 17 (value 17)``."""
+        if index is None:
+            text = "an item"
+        elif isinstance(source, range):
+            text = f"item {index} (value {source[index]})"
+        else:
+            text = f"item {index} (line {source.line_of(index)})"
+        if stage is not None and len(stages) > 1:
+            text += f" in stage {stage} ({labels[stage - 1]})"
+        return text
 
     def job(ctx: Any) -> None:
         s = mpchan.stream(source, ctx=ctx, chunksize=chunksize, _trace=trace_fh is not None)
@@ -391,8 +532,18 @@ def _run(
             )
         bar = _progress_bar(progress, total)
         writer = _Writer(out_fh, jsonl, bar)
+        unwritten: list[_Failure] = []  # results skipped because they cannot be written
+        results = s._enumerate()
         try:
-            s.run(writer)
+            for index, value in results:
+                problem = writer.write(value)
+                if problem is None:
+                    continue
+                failure = _Failure(index, None, problem)
+                if on_error != "skip":
+                    outcome["failure"] = failure
+                    break
+                unwritten.append(failure)
             out_fh.flush()
         except _BadUsage as exc:
             outcome["usage"] = exc
@@ -400,18 +551,35 @@ def _run(
             # the reader went away (`mpchan run ... | head`): stop quietly
             outcome["pipe"] = True
             _silence(out_fh)
+        except OSError as exc:
+            outcome["failure"] = _Failure(None, None, f"cannot write the results: {exc}")
+        except Exception as exc:
+            outcome["failure"] = _failure_of(exc, s._fatal_item())
         finally:
+            # stops the stages if the loop stopped early; what the run raises
+            # then comes after the failure that stopped it
+            with contextlib.suppress(Exception):
+                results.close()
             if bar is not None:
                 bar.close()
             # what the workers recorded, also when the run failed or was cut short
             outcome["trace"] = s._trace_records()
         stats = s.stats()
-        failed = sum(st["failed"] for st in stats)
+        failed = sum(st["failed"] for st in stats) + len(unwritten)
         if failed:
             click.echo(f"mpchan run: {failed} item(s) failed and were skipped", err=True)
-            for item, error in s.failures()[:5]:
-                click.echo(f"  {item}: {error}", err=True)
-        if ctx.draining and ctx.err() is None:
+            skipped = [_Failure(r.source_index, r.stage + 1, r.error) for r in s._failed_items()]
+            skipped += unwritten
+            skipped.sort(key=lambda f: (f.item is None, f.item or 0))
+            for f in skipped[:5]:
+                click.echo(f"  {where(f.item, f.stage)}: {f.error}", err=True)
+        ended: _Failure | None = outcome.get("failure")
+        if ended is not None:
+            named = where(ended.item, ended.stage) + ": " if ended.item is not None else ""
+            click.echo(f"mpchan run: error: {named}{ended.error}", err=True)
+            if show_traceback and ended.traceback:
+                click.echo(ended.traceback.rstrip("\n"), err=True)
+        elif ctx.draining and ctx.err() is None:
             click.echo(
                 f"mpchan run: interrupted; drained: {stats[0]['items_in']} item(s) read, "
                 f"{writer.count} result(s) written",
@@ -424,8 +592,8 @@ def _run(
     try:
         status = mpchan.main(job)
     finally:
-        if in_fh is not None:
-            in_fh.close()
+        if in_fd is not None:
+            os.close(in_fd)
         if out_fh is not sys.stdout:
             out_fh.close()
         mpchan.shutdown()
@@ -439,7 +607,17 @@ def _run(
         raise outcome["usage"]
     if "pipe" in outcome and status in (0, 1):
         return 128 + signal.SIGPIPE
+    if "failure" in outcome and status == 0:
+        return 1
     return status
+
+
+def _failure_of(exc: Exception, item: Any) -> _Failure:
+    """The failure an exception from the run stands for; ``item``: the
+    stream's record of the failed item that ended it, if one did."""
+    if item is not None:
+        return _Failure(item.source_index, item.stage + 1, item.error, item.traceback)
+    return _Failure(None, None, _one_line(exc))
 
 
 def _silence(fh: IO[str]) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,13 +16,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
+from mpchan._compat import SHM_DIR
+
 ROOT = Path(__file__).resolve().parent.parent
+RUN_ITEMS = Path(__file__).resolve().parent / "scripts" / "run_items.py"
 
 JOBS = """
 import time
@@ -53,30 +60,40 @@ not_callable = 42
 
 @pytest.fixture
 def jobs(tmp_path: Path) -> Path:
-    """A directory holding ``jobs.py``, used as the working directory of the command."""
+    """A directory holding ``jobs.py`` and ``run_items.py`` (the workloads of
+    the failure tests), used as the working directory of the command."""
     (tmp_path / "jobs.py").write_text(JOBS)
+    shutil.copy(RUN_ITEMS, tmp_path / "run_items.py")
     return tmp_path
 
 
-def _env() -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("COLUMNS", None)
+    env.pop("MPCHAN_SESSION", None)  # the command is a program of its own, as for a user
+    env.update(extra or {})
     return env
 
 
 def mpchan_run(
-    *args: str, cwd: Path, stdin: str | None = None, timeout: float = 60
+    *args: str,
+    cwd: Path,
+    stdin: str | bytes | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    r = subprocess.run(
         [sys.executable, "-m", "mpchan", "run", *args],
-        input=stdin,
+        input=stdin.encode() if isinstance(stdin, str) else stdin,
         capture_output=True,
-        text=True,
         cwd=cwd,
-        env=_env(),
+        env=_env(env),
         timeout=timeout,
         check=False,
+    )
+    return subprocess.CompletedProcess(
+        r.args, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode()
     )
 
 
@@ -127,17 +144,22 @@ def test_on_error_skip(jobs: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_failed_task_exits_1_with_its_traceback(jobs: Path) -> None:
+def test_failed_task_exits_1_with_one_line(jobs: Path) -> None:
     r = mpchan_run("jobs:picky", "--range", "1:30", cwd=jobs)
     assert r.returncode == 1
-    assert "no multiples of three: 3" in r.stderr
-    assert "picky" in r.stderr  # the remote traceback names the function
+    assert r.stdout.splitlines() == ["1", "2"]
+    assert r.stderr.splitlines() == [
+        "mpchan run: error: item 2 (value 3): ValueError: no multiples of three: 3"
+    ]
 
 
 def test_retries_and_timeout_options_are_accepted(jobs: Path) -> None:
     r = mpchan_run("jobs:stuck", "--range", "0:2", "--timeout", "0.3", "--retries", "1", cwd=jobs)
     assert r.returncode == 1
-    assert "TaskTimeout" in r.stderr
+    assert r.stdout.splitlines() == ["0"]
+    assert r.stderr.splitlines() == [
+        "mpchan run: error: item 1 (value 1): TaskTimeout: task ran past its time limit of 0.3 s"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -172,15 +194,285 @@ def test_malformed_json_is_one_line_and_status_2(jobs: Path) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "<stdin>:2: malformed JSON" in lines[0]
+    assert r.stdout.splitlines() == ['{"id": 1, "total": 0}']
 
 
-def test_unreadable_input_is_status_2(jobs: Path) -> None:
-    bad = jobs / "bad.txt"
-    bad.write_bytes(b"ok\n\xff\xfe\n")
-    r = mpchan_run("jobs:double", "--input", str(bad), cwd=jobs)
+# --------------------------------------------------------------------------- failures
+#
+# Every failure: the results of the items before it on stdout, then one line
+# on stderr naming the item, and status 1 (2 for input that cannot be read).
+# The workloads are in tests/scripts/run_items.py: item 37 of 50 fails.
+
+N_ITEMS = 50
+FAIL_AT = 37
+BEFORE = [str(i) for i in range(FAIL_AT)]
+
+
+@pytest.fixture
+def notes(tmp_path: Path) -> Path:
+    """RUN_ITEMS_DIR: where the workloads note their calls and workers."""
+    d = tmp_path / "notes"
+    d.mkdir()
+    return d
+
+
+def run_items(
+    func: str, *args: str, cwd: Path, notes: Path, stdin: str | bytes | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``mpchan run run_items:FUNC ARGS`` with the notes directory set; checks
+    that the run left no worker process and no shared memory behind."""
+    funcs = [f if ":" in f else f"run_items:{f}" for f in func.split()]
+    r = mpchan_run(
+        *funcs, *args, cwd=cwd, stdin=stdin, timeout=45, env={"RUN_ITEMS_DIR": str(notes)}
+    )
+    _assert_nothing_left(notes)
+    return r
+
+
+def _assert_nothing_left(notes: Path) -> None:
+    workers = list(notes.glob("worker-*"))
+    procs = []
+    for path in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(int(path.name.split("-")[1])))
+    _gone, alive = psutil.wait_procs(procs, timeout=5)
+    assert not alive, alive
+    tokens = {path.read_text() for path in workers} - {""}
+    # the command (the root of its session) removed all of it as it ended
+    left = [f for f in os.listdir(SHM_DIR) for t in tokens if f.startswith(f"mpchan-{t}-")]
+    assert not left, left
+
+
+def calls(notes: Path) -> Counter[int]:
+    """How many times each item was called."""
+    return Counter(int(p.name.split("-")[1]) for p in notes.glob("call-*"))
+
+
+def only_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("chunksize", [None, "1", "16"])
+def test_exception_writes_every_result_before_it(
+    jobs: Path, notes: Path, chunksize: str | None
+) -> None:
+    # with chunks of 16, item 37 is in the middle of chunk 32..47: 32..36 are
+    # results of its own chunk, computed before it failed
+    extra = ["--chunksize", chunksize] if chunksize else []
+    r = run_items(
+        "fails", "--range", f"0:{N_ITEMS}", "--workers", "3", *extra, cwd=jobs, notes=notes
+    )
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == BEFORE
+    assert only_line(r) == "mpchan run: error: item 37 (value 37): ValueError: bad input: 37"
+
+
+@pytest.mark.parametrize("where", ["stdin", "input"])
+def test_exception_names_the_input_line(jobs: Path, notes: Path, where: str) -> None:
+    text = "".join(f"{i}\n" for i in range(N_ITEMS))
+    if where == "stdin":
+        r = run_items("fails", cwd=jobs, notes=notes, stdin=text)
+    else:
+        (jobs / "items.txt").write_text(text)
+        r = run_items("fails", "--input", str(jobs / "items.txt"), cwd=jobs, notes=notes)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == BEFORE
+    assert only_line(r) == "mpchan run: error: item 37 (line 38): ValueError: bad input: 37"
+
+
+def test_jsonl_error_names_the_line_past_blank_lines(jobs: Path, notes: Path) -> None:
+    text = "".join(f"{i}\n" + ("\n" if i % 10 == 0 else "") for i in range(N_ITEMS))
+    r = run_items("fails", "--jsonl", cwd=jobs, notes=notes, stdin=text)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == BEFORE
+    # four blank lines (after 0, 10, 20 and 30) come before item 37
+    assert only_line(r) == "mpchan run: error: item 37 (line 42): ValueError: bad input: 37"
+
+
+def test_exception_in_a_later_stage_names_the_stage(jobs: Path, notes: Path) -> None:
+    r = run_items("ident@2 fails@2", "--range", f"0:{N_ITEMS}", cwd=jobs, notes=notes)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == BEFORE
+    assert only_line(r) == (
+        "mpchan run: error: item 37 (value 37) in stage 2 (run_items:fails): "
+        "ValueError: bad input: 37"
+    )
+
+
+def test_unordered_writes_what_was_computed_before_the_failure(jobs: Path, notes: Path) -> None:
+    # one worker taking one item at a time: everything before 37 was computed before it
+    r = run_items(
+        "fails",
+        *("--range", f"0:{N_ITEMS}", "--unordered", "--workers", "1", "--chunksize", "1"),
+        cwd=jobs,
+        notes=notes,
+    )
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == BEFORE
+    assert only_line(r).startswith("mpchan run: error: item 37 (value 37): ValueError")
+
+
+def test_traceback_shows_the_functions_frames_only(jobs: Path, notes: Path) -> None:
+    r = run_items("fails", "--range", f"0:{N_ITEMS}", "--traceback", cwd=jobs, notes=notes)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == BEFORE
+    lines = r.stderr.splitlines()
+    assert lines[0] == "mpchan run: error: item 37 (value 37): ValueError: bad input: 37"
+    assert lines[1] == "Traceback (most recent call last):"
+    frames = [line for line in lines if line.lstrip().startswith("File ")]
+    assert [re.sub(r".*, in ", "", f) for f in frames] == ["fails", "_check"]
+    assert all("run_items.py" in f for f in frames), frames
+    assert "mpchan" not in "\n".join(lines[1:])
+    assert lines[-1] == "ValueError: bad input: 37"
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_unpicklable_result_is_a_failure_of_its_item(
+    jobs: Path, notes: Path, on_error: str
+) -> None:
+    r = run_items(
+        "unpicklable", "--range", f"0:{N_ITEMS}", "--on-error", on_error, cwd=jobs, notes=notes
+    )
+    error = (
+        "item 37 (value 37): PicklingError: cannot pickle the result (lock): "
+        "TypeError: cannot pickle '_thread.lock' object"
+    )
+    if on_error == "skip":
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == [str(i) for i in range(N_ITEMS) if i != FAIL_AT]
+        assert r.stderr.splitlines() == [
+            "mpchan run: 1 item(s) failed and were skipped",
+            f"  {error}",
+        ]
+    else:
+        assert r.returncode == 1
+        assert r.stdout.splitlines() == BEFORE
+        assert only_line(r) == f"mpchan run: error: {error}"
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_result_that_is_not_json_is_a_failure_of_its_item(
+    jobs: Path, notes: Path, on_error: str
+) -> None:
+    text = "".join(f"{i}\n" for i in range(N_ITEMS))
+    r = run_items("not_json", "--jsonl", "--on-error", on_error, cwd=jobs, notes=notes, stdin=text)
+    error = (
+        "item 37 (line 38): the result is not JSON: "
+        "TypeError: Object of type set is not JSON serializable"
+    )
+    if on_error == "skip":
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == [str(i) for i in range(N_ITEMS) if i != FAIL_AT]
+        assert r.stderr.splitlines() == [
+            "mpchan run: 1 item(s) failed and were skipped",
+            f"  {error}",
+        ]
+    else:
+        assert r.returncode == 1
+        assert r.stdout.splitlines() == BEFORE
+        assert only_line(r) == f"mpchan run: error: {error}"
+
+
+@pytest.mark.parametrize("where", ["stdin", "input"])
+def test_malformed_jsonl_line_comes_after_the_results_before_it(
+    jobs: Path, notes: Path, where: str
+) -> None:
+    text = "".join(f"{i}\n" for i in range(FAIL_AT)) + "{oops\n" + "1\n2\n"
+    if where == "stdin":
+        r = run_items("ident", "--jsonl", "--workers", "3", cwd=jobs, notes=notes, stdin=text)
+        name = "<stdin>"
+    else:
+        name = str(jobs / "items.jsonl")
+        Path(name).write_text(text)
+        r = run_items("ident", "--jsonl", "--workers", "3", "--input", name, cwd=jobs, notes=notes)
     assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "cannot read" in r.stderr
+    assert r.stdout.splitlines() == BEFORE
+    assert only_line(r).startswith(f"mpchan run: error: {name}:38: malformed JSON: ")
+
+
+@pytest.mark.parametrize("where", ["stdin", "input"])
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_input_that_is_not_utf8_is_one_rule(
+    jobs: Path, notes: Path, where: str, jsonl: bool
+) -> None:
+    """Stdin and --input alike: the line is an error (status 2), after the
+    results of the lines before it; the writer never sees it."""
+    data = b"".join(b"%d\n" % i for i in range(FAIL_AT)) + b"\xff\xfe\n" + b"1\n"
+    args = ["--jsonl"] if jsonl else []
+    if where == "stdin":
+        r = run_items("echo", *args, cwd=jobs, notes=notes, stdin=data)
+        name = "<stdin>"
+    else:
+        name = str(jobs / "items.txt")
+        Path(name).write_bytes(data)
+        r = run_items("echo", *args, "--input", name, cwd=jobs, notes=notes)
+    assert r.returncode == 2
+    assert r.stdout.splitlines() == BEFORE
+    assert only_line(r) == f"mpchan run: error: {name}:38: not valid UTF-8"
+
+
+def test_sigkill_with_retries_runs_the_item_again(jobs: Path, notes: Path) -> None:
+    r = run_items(
+        "killed_once", "--range", f"0:{N_ITEMS}", "--retries", "1", "--workers", "2",
+        cwd=jobs, notes=notes,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(i) for i in range(N_ITEMS)]
+    assert r.stderr == ""
+    assert (notes / f"killed-{FAIL_AT}").exists()  # it was killed, once
+    n = calls(notes)
+    assert n[FAIL_AT] == 2
+    # Run again: only the items of its chunk that had finished, their results
+    # died with the worker; never one whose result had been sent on.
+    again = sorted(i for i, c in n.items() if c > 1)
+    assert all(c <= 2 for c in n.values()), n
+    assert again[-1] == FAIL_AT and again[-1] - again[0] < 16, again
+    assert set(n) == set(range(N_ITEMS))
+
+
+def test_sigkill_in_a_later_stage_with_retries(jobs: Path, notes: Path) -> None:
+    r = run_items(
+        "ident@2 killed_once@2", "--range", f"0:{N_ITEMS}", "--retries", "1",
+        cwd=jobs, notes=notes,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(i) for i in range(N_ITEMS)]
+    assert (notes / f"killed-{FAIL_AT}").exists()
+
+
+def test_sigkill_without_retries_is_one_line(jobs: Path, notes: Path) -> None:
+    r = run_items("killed", "--range", f"0:{N_ITEMS}", "--chunksize", "4", cwd=jobs, notes=notes)
+    assert r.returncode == 1
+    # 36 came in the chunk of 37 (36..39): it ran again on the new worker,
+    # whose result is written before the failure
+    assert r.stdout.splitlines() == BEFORE
+    assert re.fullmatch(
+        r"mpchan run: error: item 37 \(value 37\): WorkerCrashed: the worker \(pid \d+\) "
+        r"running map\(killed\) was killed by SIGKILL: killed \(possibly out of memory\)",
+        only_line(r),
+    )
+    assert calls(notes)[FAIL_AT] == 1
+
+
+def test_sigkill_every_time_runs_retries_plus_one_times(jobs: Path, notes: Path) -> None:
+    r = run_items("killed", "--range", f"0:{N_ITEMS}", "--retries", "2", cwd=jobs, notes=notes)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == BEFORE
+    assert "item 37 (value 37): WorkerCrashed: " in only_line(r)
+    assert calls(notes)[FAIL_AT] == 3
+
+
+def test_sigkill_with_on_error_skip_skips_the_item(jobs: Path, notes: Path) -> None:
+    r = run_items("killed", "--range", f"0:{N_ITEMS}", "--on-error", "skip", cwd=jobs, notes=notes)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(i) for i in range(N_ITEMS) if i != FAIL_AT]
+    lines = r.stderr.splitlines()
+    assert lines[0] == "mpchan run: 1 item(s) failed and were skipped"
+    assert lines[1].startswith("  item 37 (value 37): WorkerCrashed: the worker (pid ")
+    assert len(lines) == 2
 
 
 # --------------------------------------------------------------------------- signals

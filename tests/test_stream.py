@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 
 import mpchan
@@ -313,3 +316,175 @@ def test_trace_records_every_item_also_when_the_run_fails() -> None:
     errors = [(st, o, e) for st, _t0, _t1, o, e in events if o != "ok"]
     assert errors == [(2, "error", f"ValueError: unlucky {13**4}")]
     assert sum(st == 0 for st, *_rest in events) >= 14  # 0..13 at least went through stage 0
+
+
+# --------------------------------------------------------------------------- failures
+#
+# A failed item: the results before it first (in order when ordered), then
+# its exception, naming the item. A worker that dies running an item: the item
+# runs again on a new worker while ``retries`` allow, else it fails like any.
+
+FAIL_AT = 37
+
+
+def fail_at(x: int) -> int:
+    if x == FAIL_AT:
+        raise ValueError(f"bad input: {x}")
+    return x
+
+
+def _note_call(where: str, x: int) -> None:
+    # one file a call, so a test can count them
+    with open(os.path.join(where, f"call-{x}-{os.getpid()}-{time.monotonic_ns()}"), "w"):
+        pass
+
+
+class Kill:
+    """SIGKILLs its own worker at FAIL_AT: the first ``times`` calls of it
+    (counted in files under ``where``), or every time."""
+
+    def __init__(self, where: str, times: int | None = None) -> None:
+        self.where = where
+        self.times = times
+
+    def __call__(self, x: int) -> int:
+        _note_call(self.where, x)
+        if x == FAIL_AT:
+            done = sum(1 for f in os.listdir(self.where) if f.startswith(f"call-{x}-"))
+            if self.times is None or done <= self.times:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+
+def _calls(where: str, x: int) -> int:
+    return sum(1 for f in os.listdir(where) if f.startswith(f"call-{x}-"))
+
+
+def _until_error(s: mpchan.Stream) -> tuple[list[int], BaseException]:
+    got: list[int] = []
+    try:
+        for v in s:
+            got.append(v)
+    except Exception as exc:
+        return got, exc
+    raise AssertionError(f"no error; got {got}")
+
+
+@pytest.mark.parametrize("chunksize", [1, 16, None])
+def test_results_before_a_failure_come_first_in_order(chunksize: int | None) -> None:
+    s = mpchan.stream(range(50), chunksize=chunksize).map(fail_at, workers=3, ordered=True)
+    got, exc = _until_error(s)
+    assert got == list(range(FAIL_AT))
+    assert isinstance(exc, ValueError) and str(exc) == "bad input: 37"
+    assert any("on input item 37" in n for n in exc.__notes__)
+    # the remote traceback is the function's: no frame of mpchan's
+    cause = str(exc.__cause__)
+    assert "in fail_at" in cause and "_stage_main" not in cause and "_call" not in cause
+
+
+def test_unordered_delivers_every_item_before_the_failure() -> None:
+    s = mpchan.stream(range(200), chunksize=2).map(fail_at, workers=3).map(abs, workers=2)
+    got, exc = _until_error(s)
+    assert isinstance(exc, ValueError)
+    # what was in flight finished too: a superset of the items before it, once each
+    assert set(range(FAIL_AT)) <= set(got) and FAIL_AT not in got
+    assert len(got) == len(set(got))
+
+
+def test_results_before_a_failure_in_a_later_stage() -> None:
+    s = mpchan.stream(range(50)).map(abs, workers=2).map(fail_at, workers=2, ordered=True)
+    got, exc = _until_error(s)
+    assert got == list(range(FAIL_AT))
+    assert any("stage 1 map(fail_at), on input item 37" in n for n in exc.__notes__)
+
+
+def test_source_error_comes_after_every_item_read_before() -> None:
+    def source() -> Iterator[int]:
+        yield from range(20)
+        raise OSError("disk on fire")
+
+    got, exc = _until_error(mpchan.stream(source()).map(square, workers=2, ordered=True))
+    assert got == [x * x for x in range(20)]
+    assert isinstance(exc, OSError)
+    del exc  # its traceback holds the stream (and so its shared memory) in a cycle
+
+
+def test_unpicklable_result_is_skipped_with_on_error_skip() -> None:
+    s = mpchan.stream(range(10)).map(unpicklable, workers=2, on_error="skip").map(square)
+    assert s.collect() == []
+    assert s.stats()[0]["failed"] == 10
+    assert all(err.startswith("PicklingError: cannot pickle") for _i, err in s.failures())
+
+
+def test_enumerate_gives_each_result_its_source_index() -> None:
+    s = mpchan.stream(range(20), chunksize=4).map(fail_odd, on_error="skip").flat_map(twice)
+    pairs = sorted(s._enumerate())
+    assert pairs == sorted((x, x) for x in range(0, 20, 2) for _ in range(2))
+    assert sorted(r.source_index for r in s._failed_items()) == list(range(1, 20, 2))
+
+
+def test_killed_worker_runs_its_item_again_with_retries(tmp_path: Path) -> None:
+    s = mpchan.stream(range(50), chunksize=8).map(
+        Kill(str(tmp_path), times=1), workers=2, ordered=True, retries=1
+    )
+    assert s.collect() == list(range(50))
+    assert _calls(str(tmp_path), FAIL_AT) == 2
+    # the items of its chunk (32..39) that had finished ran again, no other
+    assert all(_calls(str(tmp_path), x) == 1 for x in [*range(32), *range(40, 50)])
+
+
+def test_killed_worker_in_a_later_stage_with_retries(tmp_path: Path) -> None:
+    s = (
+        mpchan.stream(range(50))
+        .map(abs, workers=2)
+        .map(Kill(str(tmp_path), times=1), workers=2, retries=1)
+    )
+    assert sorted(s.collect()) == list(range(50))
+
+
+def test_killed_worker_without_retries_fails_naming_the_item(tmp_path: Path) -> None:
+    s = mpchan.stream(range(50), chunksize=4).map(Kill(str(tmp_path)), workers=2, ordered=True)
+    got, exc = _until_error(s)
+    assert got == list(range(FAIL_AT))  # 36 came with 37: it ran again, on the new worker
+    assert isinstance(exc, mpchan.WorkerCrashed)
+    assert exc.signal == "SIGKILL" and exc.pid is not None
+    assert f"(pid {exc.pid})" in str(exc) and "killed by SIGKILL" in str(exc)
+    assert any("on input item 37" in n for n in exc.__notes__)
+    assert _calls(str(tmp_path), FAIL_AT) == 1
+
+
+def test_item_that_always_kills_runs_retries_plus_one_times(tmp_path: Path) -> None:
+    s = mpchan.stream(range(50)).map(Kill(str(tmp_path)), workers=2, retries=2)
+    with pytest.raises(mpchan.WorkerCrashed):
+        s.collect()
+    assert _calls(str(tmp_path), FAIL_AT) == 3
+
+
+def test_killed_worker_with_on_error_skip_skips_the_item(tmp_path: Path) -> None:
+    s = mpchan.stream(range(50)).map(Kill(str(tmp_path)), workers=2, on_error="skip")
+    assert sorted(s.collect()) == [x for x in range(50) if x != FAIL_AT]
+    assert s.stats()[0]["failed"] == 1
+    [(item, error)] = s.failures()
+    assert item == "37" and error.startswith("WorkerCrashed: the worker (pid ")
+
+
+def my_pid(_x: int) -> int:
+    return os.getpid()
+
+
+def test_worker_killed_outside_an_item_ends_the_run() -> None:
+    more = threading.Event()
+
+    def source() -> Iterator[int]:
+        yield 0
+        more.wait(30)  # the worker waits for input meanwhile
+        yield 1
+
+    s = mpchan.stream(source()).map(my_pid)
+    it = iter(s)
+    worker = psutil.Process(next(it))
+    worker.kill()
+    worker.wait(timeout=10)
+    more.set()
+    with pytest.raises(mpchan.WorkerCrashed, match="ran no item"):
+        next(it)
