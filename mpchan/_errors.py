@@ -172,3 +172,26 @@ def remote_traceback(text: str) -> BaseException:
     ``concurrent.futures``' own class, so code written for
     ``ProcessPoolExecutor`` that looks for it finds it. Never blocks."""
     return _RemoteTraceback(text)  # type: ignore[arg-type]  # a str at run time
+
+
+def rebuild_remote(
+    pickled: bytes | None, type_name: str, message: str, traceback: str, note: str
+) -> BaseException:
+    """An exception raised in another process, rebuilt here: the original
+    (unpickled from ``pickled``) or, when it cannot be, a
+    :class:`RemoteError`; the remote ``traceback`` text as ``__cause__``
+    (when there is one) and ``note`` added. Never blocks."""
+    exc: BaseException | None = None
+    if pickled is not None:
+        try:
+            loaded = pickle.loads(pickled)
+        except BaseException:
+            loaded = None
+        if isinstance(loaded, BaseException):
+            exc = loaded
+    if exc is None:
+        exc = RemoteError(type_name, message, traceback)
+    if traceback:
+        exc.__cause__ = remote_traceback(f'\n"""\n{traceback}"""')
+    exc.add_note(note)
+    return exc

@@ -112,12 +112,11 @@ from ._errors import (
     ChannelClosed,
     EndOfChannel,
     PicklingError,
-    RemoteError,
     SerializationError,
     TaskTimeout,
     WorkerCrashed,
     WouldBlock,
-    remote_traceback,
+    rebuild_remote,
 )
 from ._go import GoHandle, go
 from ._sync import WaitGroup
@@ -198,26 +197,14 @@ class _ItemError(NamedTuple):
 
     def rebuild(self, stage_name: str) -> BaseException:
         """The exception, as raised to the consumer (see :meth:`Stream.__iter__`)."""
-        exc: BaseException | None = None
-        if self.exc is not None:
-            try:
-                loaded = pickle.loads(self.exc)
-            except Exception:
-                loaded = None
-            if isinstance(loaded, BaseException):
-                exc = loaded
-        if exc is None:
-            exc = RemoteError(self.type_name, self.message, self.traceback)
-        if self.traceback:
-            exc.__cause__ = remote_traceback(f'\n"""\n{self.traceback}"""')
         what = self.item
         if self.source_index is not None:
             what = f"input item {self.source_index}: {self.item}"
-        exc.add_note(
+        note = (
             f"raised in mpchan worker (pid {self.pid}) running stage {self.stage} "
             f"{stage_name}, on {what}"
         )
-        return exc
+        return rebuild_remote(self.exc, self.type_name, self.message, self.traceback, note)
 
 
 def _item_error(

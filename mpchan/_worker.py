@@ -156,21 +156,15 @@ def decode_reply(reply: bytes, *, where: str) -> Any:
 
 
 def _rebuild(failure: _Failure, where: str) -> BaseException:
-    from ._errors import RemoteError, remote_traceback
+    from ._errors import rebuild_remote
 
-    exc: BaseException | None = None
-    if failure.exc is not None:
-        try:
-            loaded = pickle.loads(failure.exc)
-        except BaseException:
-            loaded = None
-        if isinstance(loaded, BaseException):
-            exc = loaded
-    if exc is None:
-        exc = RemoteError(failure.type_name, failure.message, failure.traceback)
-    exc.__cause__ = remote_traceback(f'\n"""\n{failure.traceback}"""')
-    exc.add_note(f"raised in mpchan {where}")
-    return exc
+    return rebuild_remote(
+        failure.exc,
+        failure.type_name,
+        failure.message,
+        failure.traceback,
+        f"raised in mpchan {where}",
+    )
 
 
 # ---------------------------------------------------------------------------
