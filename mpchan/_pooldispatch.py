@@ -89,6 +89,7 @@ import itertools
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -154,6 +155,7 @@ _STALL_FACTOR = 4  # a task running this many times its expected time ...
 _STALL_MIN = 0.002  # ... and at least this long (s) gets nothing queued behind it
 _MAX_INIT_CRASHES = 3  # workers dying before ready, in a row, before the pool breaks
 _EXIT_GRACE = 5.0
+_EXIT_GRACE_FAILING = 1.0  # a program ending with an error: its running tasks get this
 
 _loads = pickle.loads
 _R = RESULT[0]
@@ -993,6 +995,8 @@ class Dispatch:
                 blame = died and slot.ready and not slot.retiring
             if tasks and blame:
                 crashed = tasks.pop(0)
+            if not slot.ready:
+                self._unpin(slot)
             if died and not slot.ready and not slot.retiring:
                 self._init_crashes += 1
                 if self._init_crashes >= _MAX_INIT_CRASHES and self._state is not State.BROKEN:
@@ -1040,6 +1044,19 @@ class Dispatch:
             with self._lock:
                 for s in self._slots.values():
                     self._fill(s)
+
+    def _unpin(self, slot: Slot) -> None:
+        # Caller holds _lock. A worker that ended before it was ready may
+        # have died before it unpickled its request (its main module failed
+        # to import, say): the handles pickled in it would then count as in
+        # transit for ever, and pin their segments until the program ends.
+        # The task channel travelled in that request alone, so its count
+        # says whether the request was unpickled; if not, take back both.
+        with contextlib.suppress(Exception):
+            if slot.ch._core.transit(0) > 0:
+                slot.ch._core.transit(-1)
+                if self._results is not None:
+                    self._results._core.transit(-1)
 
     def _check_timeouts(self) -> None:
         limit = self.task_timeout
@@ -1223,11 +1240,22 @@ _live: weakref.WeakSet[Dispatch] = weakref.WeakSet()
 
 def shutdown_all(pools: Iterable[Dispatch] | None = None) -> None:
     """At interpreter exit, before the supervisor stops the processes and
-    shared memory is detached: stop every pool (cancel what has not
-    started), killing the workers of one that does not stop in time."""
-    for d in list(_live if pools is None else pools):
+    shared memory is detached: stop every pool still alive.
+
+    A program that ends normally lets what it submitted finish first, as
+    ``concurrent.futures`` does at exit (a pool shut down with
+    ``wait=False``, or never shut down). One that ends with an unhandled
+    exception (Ctrl-C's KeyboardInterrupt among them) cancels what has not
+    started and kills the workers of a pool that does not stop within a
+    second.
+    """
+    failing = getattr(sys, "last_value", None) is not None
+    live = list(_live if pools is None else pools)
+    for d in live:
         with contextlib.suppress(Exception):
-            d.shutdown(False, True)
-            if not d.wait_stopped(_EXIT_GRACE):
+            d.shutdown(False, failing)
+    for d in live:
+        with contextlib.suppress(Exception):
+            if not d.wait_stopped(_EXIT_GRACE_FAILING if failing else None):
                 d.fail_all(ShutdownError("the program is exiting"), kill=True)
                 d.wait_stopped(_EXIT_GRACE)

@@ -12,6 +12,8 @@ import logging
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -492,3 +494,46 @@ def test_a_dropped_result_holding_a_channel_leaves_no_segment() -> None:
 
 def make_channel_for(_: int) -> mpchan.Channel:
     return make_channel()
+
+
+EXIT_WITH_ERROR = """
+import sys, time
+sys.path.insert(0, {root!r})
+import mpchan
+
+def nap(s):
+    time.sleep(s)
+
+if __name__ == "__main__":
+    pool = mpchan.Pool(2)
+    futs = [pool.submit(nap, 30) for _ in range(10)]
+    print(*pool.stats()["workers"], flush=True)
+    raise KeyboardInterrupt
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_program_ending_with_an_error_does_not_wait_for_its_tasks(tmp_path: Path) -> None:
+    # At a normal exit what was submitted finishes (as concurrent.futures);
+    # an unhandled exception (here Ctrl-C's) cancels it and stops the workers.
+    script = tmp_path / "fails.py"
+    script.write_text(EXIT_WITH_ERROR.format(root=str(Path(__file__).resolve().parent.parent)))
+    env = {k: v for k, v in os.environ.items() if k != "MPCHAN_SESSION"}
+    with subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        raised = time.monotonic()  # the script raises right after that line
+        proc.wait(timeout=50)
+        elapsed = time.monotonic() - raised
+        stderr = proc.stderr.read()
+    assert len(pids) == 2
+    assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
+    # Running tasks get a second (not the 5 s of a normal exit's grace).
+    assert elapsed < 3.5, elapsed
+    assert _wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), 5)
