@@ -11,8 +11,10 @@ Ownership:
       callbacks) refers to the facade, so a pool dropped without
       ``shutdown()`` is collected, and its finalizer shuts it down
       (``shutdown(wait=False)``: what was submitted still finishes).
-    * A running ``map`` iterator holds the facade, so the pool lives while
-      its results are read.
+    * A ``map`` iterator holds the Dispatch, not the facade (as a
+      ``concurrent.futures`` map does not hold its executor): when the pool
+      is collected meanwhile, its shutdown submits the rest of the map's
+      input (``MapRun.feed_all``), and every result is still yielded.
 """
 
 from __future__ import annotations
@@ -179,9 +181,7 @@ class Pool(Executor):
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         self._d.check_open()
-        run = MapRun(
-            self, self._d, fn, iterables, timeout, chunksize, ordered, buffersize, progress
-        )
+        run = MapRun(self._d, fn, iterables, timeout, chunksize, ordered, buffersize, progress)
         run.top_up()
         return run.results()
 

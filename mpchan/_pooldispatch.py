@@ -220,6 +220,7 @@ class Dispatch:
         self._deferred = False  # a refill did not fit: retry soon
         self._parked = False  # the collector waits for replies (submit must wake it)
         self._woken = False  # a wake-up is on its way to the collector
+        self._abandoned = False  # the facade was collected (see close)
         self._init_crashes = 0
         self._ema = 0.0  # seconds per task (exponential average)
         self._depth = 1  # tasks queued per worker; grows once tasks prove short
@@ -749,9 +750,15 @@ class Dispatch:
         self._wake()
 
     def close(self) -> None:
-        """The facade was collected: ``shutdown(wait=False)``. Never blocks."""
-        with contextlib.suppress(Exception):
-            self.shutdown(False, False)
+        """The facade was collected: the collector thread shuts the pool down
+        (``shutdown(wait=False)``). Never blocks.
+
+        Not done here: a finalizer may run in any thread at any moment (a
+        garbage collection inside a map's own feeding), and the shutdown
+        reads the running maps' input.
+        """
+        self._abandoned = True
+        self._wake()
 
     def wait_stopped(self, timeout: float | None) -> bool:
         """Wait until the collector finished (every worker gone); True if it did."""
@@ -799,6 +806,8 @@ class Dispatch:
                         self._on_worker_gone(wid, loop)
                 if self.task_timeout is not None:
                     self._check_timeouts()
+                if self._abandoned and self._state is State.OPEN:
+                    self.shutdown(False, False)
                 if self._state is not State.OPEN and self._stop_idle_workers():
                     break
         except BaseException as e:  # a bug here must not hang every caller

@@ -67,7 +67,6 @@ class MapRun:
 
     def __init__(
         self,
-        owner: object,
         pool: Dispatch,
         fn: Callable[..., Any],
         iterables: tuple[Iterable[Any], ...],
@@ -77,7 +76,6 @@ class MapRun:
         buffersize: int | None,
         progress: bool,
     ) -> None:
-        self.owner = owner  # the Pool facade: alive while its results are read
         self.pool = pool
         self.fn = fn
         # A function by value is pickled once for the whole map (and sent

@@ -537,3 +537,17 @@ def test_a_program_ending_with_an_error_does_not_wait_for_its_tasks(tmp_path: Pa
     # Running tasks get a second (not the 5 s of a normal exit's grace).
     assert elapsed < 3.5, elapsed
     assert _wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), 5)
+
+
+def test_a_running_map_does_not_keep_its_pool_alive() -> None:
+    # As with concurrent.futures: the map's iterator does not hold the pool;
+    # the pool dropped meanwhile shuts down, and the map still yields all.
+    p = Pool(2)
+    pids = set(p.stats()["workers"])
+    results = p.map(add_one, range(500), chunksize=10)
+    watch = weakref.ref(p)
+    del p
+    gc.collect()
+    assert watch() is None
+    assert list(results) == list(range(1, 501))
+    assert _wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), 10)
