@@ -370,29 +370,43 @@ def pickle_value(value: Any) -> bytes:
 def cannot_pickle(what: str, exc: BaseException) -> PicklingError:
     """The :class:`PicklingError` for failing to pickle ``what`` (``exc`` as cause).
 
-    The cause's frames are cleared (their locals would keep the value, and
-    the arguments of the call that failed, alive for as long as the error).
-    Never blocks.
+    The cause keeps its traceback as text only (a note): its frames, and
+    through them every caller's, would keep the value, the arguments of the
+    call that failed and the thread's own state alive for as long as the
+    error lives (in a Future, say). Never blocks.
     """
     err = PicklingError(f"cannot pickle {what}: {type(exc).__name__}: {exc}")
-    _clear_frames(exc)
+    _frames_to_text(exc)
     err.__cause__ = exc
     return err
 
 
 def cannot_unpickle(what: str, exc: BaseException) -> UnpicklingError:
-    """The :class:`UnpicklingError` for failing to unpickle ``what``. Never blocks."""
+    """The :class:`UnpicklingError` for failing to unpickle ``what`` (frames
+    as in :func:`cannot_pickle`). Never blocks."""
     err = UnpicklingError(f"cannot unpickle {what}: {type(exc).__name__}: {exc}")
-    _clear_frames(exc)
+    _frames_to_text(exc)
     err.__cause__ = exc
     return err
 
 
-def _clear_frames(exc: BaseException) -> None:
+def _frames_to_text(exc: BaseException) -> None:
     import traceback
 
-    with contextlib.suppress(Exception):
-        traceback.clear_frames(exc.__traceback__)
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb = e.__traceback__
+        if tb is not None:
+            with contextlib.suppress(Exception):
+                text = "".join(traceback.format_tb(tb))
+                e.add_note("Traceback (most recent call last):\n" + text.rstrip("\n"))
+            e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
 
 
 def dumps(value: Any) -> bytes:

@@ -196,6 +196,26 @@ def test_unrelated_shm_file_is_ignored(pytester: pytest.Pytester) -> None:
             os.unlink(path)
 
 
+def test_a_pool_worker_started_by_the_forkserver_is_a_leak(pytester: pytest.Pytester) -> None:
+    # Workers forked by multiprocessing's forkserver carry the server's command
+    # line; only the server itself is infrastructure.
+    result = _run(
+        pytester,
+        """
+        import mpchan
+
+        _kept = []
+
+        def test_leaves_a_pool_running():
+            pool = mpchan.Pool(1, start_method="forkserver")
+            assert pool.submit(abs, -1).result(timeout=30) == 1
+            _kept.append(pool)
+        """,
+    )
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*1 child process(es) still alive*", "*forkserver*"])
+
+
 def test_other_sessions_segments_are_ignored(pytester: pytest.Pytester) -> None:
     # Another mpchan program running beside the tests (its own session token)
     # makes and removes segments as it pleases: not this test's leak.

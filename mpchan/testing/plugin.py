@@ -156,7 +156,16 @@ def _cmdline(proc: psutil.Process) -> str:
 
 def _is_infra(proc: psutil.Process) -> bool:
     cmdline = _cmdline(proc)
-    return any(fragment in cmdline for fragment in _INFRA_CMDLINES)
+    for fragment in _INFRA_CMDLINES:
+        if fragment in cmdline:
+            # A process the forkserver forked (a worker) has the server's
+            # command line too: only the server itself is infrastructure.
+            try:
+                parent = proc.parent()
+            except psutil.Error:
+                parent = None
+            return parent is None or fragment not in _cmdline(parent)
+    return False
 
 
 def _leaked_processes(before: _Snapshot) -> dict[_ProcKey, psutil.Process]:
