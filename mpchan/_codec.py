@@ -221,14 +221,6 @@ def _main() -> _MainInfo:
 # ---------------------------------------------------------------- by reference?
 
 
-def _by_value_modules() -> set[str]:
-    cp = sys.modules.get("cloudpickle")
-    if cp is None:
-        return set()
-    names: set[str] = cp.list_registry_pickle_by_value()
-    return names
-
-
 def by_reference(obj: Any) -> bool:
     """True when a worker can import ``obj`` (a callable) by name. Never blocks.
 
@@ -238,23 +230,29 @@ def by_reference(obj: Any) -> bool:
     main script that workers re-import are by reference; lambdas, closures,
     local classes, by-value modules and other ``__main__`` objects are not.
     """
-    if isinstance(obj, functools.partial):
+    if type(obj) is types.FunctionType:  # the common case, first
+        module, qualname = obj.__module__, obj.__qualname__
+    elif isinstance(obj, functools.partial):
         return by_reference(obj.func)
-    if isinstance(obj, (types.MethodType, types.BuiltinFunctionType)):
+    elif isinstance(obj, (types.MethodType, types.BuiltinFunctionType)):
         owner = obj.__self__
         if owner is None or isinstance(owner, types.ModuleType):
             return True  # a builtin function of a module
         return by_reference(owner if isinstance(owner, type) else type(owner))
-    if not isinstance(obj, (types.FunctionType, type)):
+    elif not isinstance(obj, (types.FunctionType, type)):
         return by_reference(type(obj))
-    module = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", None)
+    else:
+        module = getattr(obj, "__module__", None)
+        qualname = getattr(obj, "__qualname__", None)
     if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
         return False
     if module in MAIN_MODULES:
         info = _main()
         return info.importable and qualname.partition(".")[0] in info.toplevel
-    by_value = _by_value_modules()
+    cp = sys.modules.get("cloudpickle")
+    if cp is None:
+        return True
+    by_value: set[str] = cp.list_registry_pickle_by_value()
     return not (by_value and _in_modules(module, by_value))
 
 
@@ -268,20 +266,28 @@ def _careful(data: bytes) -> bool:
         info = _main()
         if not info.importable or any(name in data for name in info.guarded):
             return True
-    by_value = _by_value_modules()
+    cp = sys.modules.get("cloudpickle")
+    if cp is None:
+        return False
+    by_value: set[str] = cp.list_registry_pickle_by_value()
     return bool(by_value) and any(name.encode() in data for name in by_value)
 
 
 # ---------------------------------------------------------------- transit counts
 
-_tls = threading.local()
+
+class _Local(threading.local):
+    log: list[Any] | None = None  # the handles pickled by this thread's current attempt
+
+
+_tls = _Local()
 
 
 def note_transit(core: Any) -> None:
     """Record that a handle of segment ``core`` was just pickled (its
     ``__reduce__`` raised the segment's transit count), so a pickling attempt
     that fails takes the count back. Never blocks."""
-    log: list[Any] | None = getattr(_tls, "log", None)
+    log = _tls.log
     if log is not None:
         log.append(core)
 
@@ -332,13 +338,16 @@ def _taker(oob_min: int | None, bufs: list[pickle.PickleBuffer]) -> Any:
 
 
 def _pickle(value: Any, oob_min: int | None) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    outer = getattr(_tls, "log", None)
+    outer = _tls.log
     log: list[Any] = []
     _tls.log = log
+    bufs: list[pickle.PickleBuffer] = []
     try:
-        bufs: list[pickle.PickleBuffer] = []
         try:
-            data = _dumps(value, _PROTOCOL, buffer_callback=_taker(oob_min, bufs))
+            if oob_min is None:
+                data = _dumps(value, _PROTOCOL)
+            else:
+                data = _dumps(value, _PROTOCOL, buffer_callback=_taker(oob_min, bufs))
         except Exception:
             pass
         else:
