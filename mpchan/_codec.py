@@ -230,6 +230,8 @@ def by_reference(obj: Any) -> bool:
     main script that workers re-import are by reference; lambdas, closures,
     local classes, by-value modules and other ``__main__`` objects are not.
     """
+    module: Any
+    qualname: Any
     if type(obj) is types.FunctionType:  # the common case, first
         module, qualname = obj.__module__, obj.__qualname__
     elif isinstance(obj, functools.partial):
