@@ -190,10 +190,9 @@ def stats() -> dict[str, Any]:
     no supervisor, process or shared memory is made to answer.
     Process safety: any thread of any process.
     """
-    sup = None
     module = sys.modules.get(__name__.rpartition(".")[0] + "._supervisor")
-    if module is not None:
-        sup = getattr(module, "_default", None)
+    current = getattr(module, "current_supervisor", None)
+    sup = current() if current is not None else None
     channels, contexts = _channel_rows()
     return {
         "pid": os.getpid(),

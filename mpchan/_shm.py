@@ -59,6 +59,7 @@ __all__ = [
     "create_segment",
     "mapped_segments",
     "open_segment",
+    "registry_snapshot",
     "segment_kind",
     "session_token",
     "shm_path",
@@ -373,6 +374,17 @@ def mapped_segments() -> list[Segment]:
     with _lock:
         segs = list(_registry.values())
     return [s for s in segs if s.pid == me]
+
+
+def registry_snapshot() -> list[Segment]:
+    """Every segment this process keeps a record of, taking no lock.
+
+    For a process on its way out, which must not wait for a lock that a
+    thread of its parent may have held at the fork. Never blocks.
+    Process safety: any thread (a concurrent change may make it raise
+    RuntimeError, which such a caller ignores).
+    """
+    return list(_registry.values())
 
 
 def _after_fork_in_child() -> None:

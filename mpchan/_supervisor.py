@@ -3,14 +3,16 @@
 One :class:`Supervisor` per program (``get_supervisor()`` makes it lazily)
 starts worker processes, keeps idle ones in a bounded warm cache, hands them
 out (``acquire``), takes them back (``release``), notices when one dies, and
-stops them all (``shutdown``, also at interpreter exit).
+stops them all (``shutdown``, also at interpreter exit). This module decides
+*when* a process starts or stops; how one is started, stopped, reaped and
+described when it dies is ``_supervisor_process`` (which never imports this).
 
 Data flow::
 
     caller thread (go, Pool)                      supervisor thread
     ------------------------                      ("mpchan-infra-supervisor")
     acquire() --- idle cache (LIFO) --+
-        |   \\__ empty: start process  |            wait([wake_r,
+        |   \\__ empty: start_process |            wait([wake_r,
         v                             |                  conn of every worker,
     run(worker, request) ----------> worker.conn       sentinel of every worker],
         |      send_bytes(b"T"...)       |               timeout=next idle expiry)
@@ -23,10 +25,9 @@ Data flow::
                   thread reading the read end; EOF (supervisor gone,
                   SIGKILL included) -> os._exit in the worker.
 
-    metrics:      Supervisor(metrics_port=P) owns a MetricsServer (_metrics):
-                  thread "mpchan-metrics" answers GET 127.0.0.1:P/metrics
-                  with every registered source (this supervisor's workers
-                  by state among them) until shutdown closes and joins it.
+    metrics:      Supervisor(metrics_port=P) owns a MetricsServer (_metrics),
+                  serving every registered source (its workers by state
+                  among them) until shutdown closes and joins it.
 
 Invariants:
     * ``_workers`` holds every started process that has not been reaped
@@ -39,10 +40,10 @@ Invariants:
       every task's Future is completed exactly once, by whoever takes it out
       of ``worker.task`` under ``_lock`` (reply, death, or shutdown).
     * Once ``_closed`` is set it stays set; no worker is added after it.
-    * The parent never holds the child ends of a worker's pipes after the
-      worker started; a forked child closes the parent ends it inherited
-      (its own and its siblings'), so a death watch sees end of file as soon
-      as the supervisor is gone.
+    * A forked worker closes every parent end it inherited: ``_start_worker``
+      lists the other workers' and the wake-up pipe (see
+      ``_supervisor_process``), so a death watch sees end of file as soon as
+      the supervisor is gone.
 
 Ownership:
     * ``_lock`` guards ``_workers``, ``_idle``, ``_closed`` and every
@@ -51,8 +52,9 @@ Ownership:
     * Caller threads write a worker's ``conn`` (``run``: the task; quit);
       only the supervisor thread reads it (or ``shutdown`` once that thread
       has stopped).
-    * Only the supervisor thread (or ``shutdown`` after stopping it) joins
-      worker processes and closes their connections and death-watch ends.
+    * Only the supervisor thread (or ``shutdown`` after stopping it) reaps
+      worker processes (``Worker.reap``, ``stop_processes``), which joins
+      them and closes their connections and death-watch ends.
     * The idle timeout is enforced by the supervisor thread alone; workers
       never time out on their own (that would race with ``acquire``).
     * The metrics server (if any) is started by ``__init__`` before any
@@ -67,104 +69,44 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
-import multiprocessing
 import multiprocessing.connection
 import os
-import select
-import signal
-import sys
 import threading
 import time
 import weakref
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 from . import _compat, _metrics, _shm
-from ._errors import ShutdownError, WorkerCrashed
-from ._worker import DEATHWATCH_THREAD_NAME, ORPHANED_EXITCODE, QUIT, worker_main
+from ._errors import ShutdownError
+from ._supervisor_process import (
+    WORKER_STATES,
+    Worker,
+    check_start_method,
+    crashed_error,
+    fd_ready,
+    forget_parents_forkserver,
+    start_process,
+    stop_processes,
+)
+from ._worker import DEATHWATCH_THREAD_NAME, QUIT
 
 __all__ = [
     "Supervisor",
     "Worker",
+    "crashed_error",
+    "current_supervisor",
     "get_supervisor",
     "set_supervisor",
     "shutdown",
+    "shutdown_all",
 ]
 
 THREAD_NAME = "mpchan-infra-supervisor"
-START_METHODS = ("spawn", "forkserver", "fork")
-WORKER_STATES = ("held", "busy", "idle", "retiring", "lost")
 DEFAULT_IDLE_TIMEOUT = 10.0
 # Grace period between SIGTERM and SIGKILL when shutdown(timeout=None).
 DEFAULT_SHUTDOWN_GRACE = 5.0
-
-_SIGNAL_CAUSES = {
-    "SIGSEGV": "segmentation fault",
-    "SIGKILL": "killed (possibly out of memory)",
-    "SIGABRT": "aborted",
-    "SIGBUS": "bus error (bad memory access)",
-    "SIGFPE": "floating-point exception",
-    "SIGILL": "illegal instruction",
-    "SIGTERM": "terminated",
-    "SIGINT": "interrupted",
-    "SIGPIPE": "broken pipe",
-    "SIGXCPU": "CPU time limit exceeded",
-}
-
-
-class Worker:
-    """The parent's record of one worker process.
-
-    Fields other than ``state``, ``task`` and ``idle_since`` never change
-    after the worker started. Never blocks.
-    """
-
-    __slots__ = (
-        "conn",
-        "deathwatch",
-        "id",
-        "idle_since",
-        "pid",
-        "process",
-        "release_after",
-        "sentinel",
-        "start_method",
-        "state",
-        "task",
-    )
-
-    def __init__(
-        self,
-        wid: int,
-        process: BaseProcess,
-        conn: Connection,
-        deathwatch: Connection,
-        start_method: str,
-    ) -> None:
-        self.id = wid
-        self.process = process
-        pid = process.pid
-        assert pid is not None  # started
-        self.pid: int = pid
-        self.sentinel: int = process.sentinel
-        self.conn = conn
-        self.deathwatch = deathwatch
-        self.start_method = start_method
-        # Invariant: the fields below change only under Supervisor._lock.
-        self.state = "held"
-        self.task: tuple[Future[bytes], str] | None = None
-        self.release_after = True
-        self.idle_since = 0.0
-
-    def describe(self, name: str | None = None) -> str:
-        """Return "worker N (pid P) running NAME" for messages. Never blocks."""
-        text = f"worker {self.id} (pid {self.pid})"
-        return f"{text} running {name}" if name else text
-
-    def __repr__(self) -> str:
-        return f"<mpchan Worker id={self.id} pid={self.pid} {self.state} {self.start_method}>"
 
 
 class Supervisor:
@@ -194,11 +136,7 @@ class Supervisor:
         idle_timeout: float | None = None,
         metrics_port: int | None = None,
     ) -> None:
-        method = start_method or _compat.default_start_method()
-        if method not in START_METHODS:
-            raise ValueError(f"unknown start method {method!r}; use one of {START_METHODS}")
-        if method not in multiprocessing.get_all_start_methods():
-            raise ValueError(f"start method {method!r} is not available on this platform")
+        method = check_start_method(start_method or _compat.default_start_method())
         if max_idle is None:
             max_idle = os.cpu_count() or 1
         if max_idle < 0:
@@ -280,7 +218,7 @@ class Supervisor:
             self._check_open()
             while self._idle:
                 worker = self._idle.pop()
-                if _fd_ready(worker.sentinel):
+                if fd_ready(worker.sentinel):
                     worker.state = "lost"  # died while idle; the thread reaps it
                     continue
                 worker.state = "held"
@@ -472,27 +410,7 @@ class Supervisor:
                     future,
                     exc=ShutdownError(f"mpchan shut down while {w.describe(name)} was running"),
                 )
-            for w in workers:
-                if w.state == "busy":
-                    with contextlib.suppress(OSError):
-                        w.process.terminate()
-                else:
-                    with contextlib.suppress(OSError):
-                        w.conn.send_bytes(QUIT)
-                w.state = "retiring"
-            deadline = time.monotonic() + grace
-            alive = [w for w in workers if not _fd_ready(w.sentinel)]
-            while alive:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                multiprocessing.connection.wait([w.sentinel for w in alive], left)
-                alive = [w for w in alive if not _fd_ready(w.sentinel)]
-            for w in alive:
-                with contextlib.suppress(OSError):
-                    os.kill(w.pid, signal.SIGKILL)
-            for w in workers:
-                self._reap(w)
+            stop_processes(workers, grace)
             with self._lock:
                 self._workers.clear()
             _live_supervisors.discard(self)
@@ -531,40 +449,17 @@ class Supervisor:
 
     def _start_worker(self, boot: Any = None) -> Worker:
         method = self._method_for_start()
-        ctx = multiprocessing.get_context(method)
-        if method != "fork":
-            _skip_missing_main()
-        if method == "forkserver":
-            _preload_worker_in_forkserver()
         wid = next(self._ids)
-        with self._fork_lock if method == "fork" else contextlib.nullcontext():
-            parent_conn, child_conn = ctx.Pipe(duplex=True)
-            watch_r, watch_w = ctx.Pipe(duplex=False)
-            close_fds: list[int] = []
-            if method == "fork":
-                # A forked child inherits every descriptor; it must close the
-                # parent's ends (its own and its siblings') or death watches
-                # would never see end of file.
-                with self._lock:
-                    for w in self._workers.values():
-                        close_fds += [w.conn.fileno(), w.deathwatch.fileno()]
-                close_fds += [parent_conn.fileno(), watch_w.fileno(), self._wake_r, self._wake_w]
-            process = ctx.Process(  # type: ignore[attr-defined]
-                target=worker_main,
-                args=(child_conn, watch_r, wid, close_fds, boot),
-                name=f"{_WORKER_NAME}{wid}",
-                daemon=False,
-            )
-            try:
-                process.start()
-            except BaseException:
-                parent_conn.close()
-                watch_w.close()
-                raise
-            finally:
-                child_conn.close()
-                watch_r.close()
-        return Worker(wid, process, parent_conn, watch_w, method)
+        if method != "fork":
+            return start_process(method, wid, boot)
+        with self._fork_lock:
+            # The child must close every parent end it inherits: the other
+            # workers' and this supervisor's wake-up pipe.
+            with self._lock:
+                inherited = [self._wake_r, self._wake_w]
+                for w in self._workers.values():
+                    inherited += [w.conn.fileno(), w.deathwatch.fileno()]
+            return start_process(method, wid, boot, inherited)
 
     def _new_worker(self, boot: Any = None) -> Worker:
         # Start a process and register it as held by the caller. The thread
@@ -586,16 +481,7 @@ class Supervisor:
         # Stop and reap a worker that never got registered.
         with contextlib.suppress(OSError):
             worker.process.kill()
-        self._reap(worker)
-
-    def _reap(self, worker: Worker) -> None:
-        worker.process.join()
-        worker.state = "dead"
-        for conn in (worker.conn, worker.deathwatch):
-            with contextlib.suppress(OSError):
-                conn.close()
-        with contextlib.suppress(ValueError):
-            worker.process.close()
+        worker.reap()
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -675,13 +561,7 @@ class Supervisor:
     def _on_death(self, worker: Worker) -> None:
         if worker.state == "dead":
             return  # already reaped by a shutdown called from a Future callback
-        worker.process.join(timeout=1.0)
-        if worker.process.exitcode is None:
-            # Its pipe closed but the process lives on (it closed the
-            # descriptor itself?): it cannot serve any more.
-            with contextlib.suppress(OSError):
-                worker.process.kill()
-        exitcode = worker.process.exitcode
+        exitcode = worker.exit_status(timeout=1.0)
         with self._lock:
             task = worker.task
             worker.task = None
@@ -689,7 +569,7 @@ class Supervisor:
                 self._idle.remove(worker)
             self._workers.pop(worker.id, None)
             closing = self._closed
-        self._reap(worker)
+        worker.reap()
         if task is None:
             return
         future, name = task
@@ -714,33 +594,6 @@ class Supervisor:
                     w.conn.send_bytes(QUIT)
 
 
-def crashed_error(worker: Worker, exitcode: int | None, name: str | None) -> WorkerCrashed:
-    """Build the :class:`WorkerCrashed` for a worker that died. Never blocks."""
-    sig: str | None = None
-    if exitcode is None:
-        how, cause = "died", "unknown"
-    elif exitcode < 0:
-        try:
-            sig = signal.Signals(-exitcode).name
-        except ValueError:
-            sig = f"signal {-exitcode}"
-        how, cause = f"was killed by {sig}", _SIGNAL_CAUSES.get(sig, f"killed by {sig}")
-    elif exitcode == ORPHANED_EXITCODE:
-        how, cause = f"exited with status {exitcode}", "it lost its supervisor"
-    else:
-        how = f"exited with status {exitcode}"
-        cause = "the process exited (os._exit(), or exit() in native code)"
-    what = f"while running {name}" if name else "while idle"
-    return WorkerCrashed(
-        f"mpchan worker {worker.id} (pid {worker.pid}) {how} {what}: {cause}",
-        pid=worker.pid,
-        exitcode=exitcode,
-        signal=sig,
-        task=name,
-        cause=cause,
-    )
-
-
 def _complete(
     future: Future[bytes], *, result: bytes | None = None, exc: BaseException | None = None
 ) -> None:
@@ -755,15 +608,6 @@ def _complete(
         future.set_result(result)
 
 
-def _fd_ready(fd: int) -> bool:
-    """True when ``fd`` (a process sentinel) is readable now. Never blocks."""
-    try:
-        r, _, _ = select.select([fd], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(r)
-
-
 def _env_idle_timeout() -> float:
     raw = os.environ.get("MPCHAN_IDLE_TIMEOUT")
     if not raw:
@@ -773,58 +617,6 @@ def _env_idle_timeout() -> float:
     except ValueError:
         raise ValueError(f"MPCHAN_IDLE_TIMEOUT must be a number of seconds, not {raw!r}") from None
     return max(0.0, value)
-
-
-_WORKER_NAME = "mpchan-worker-"
-_prep_patched = False
-
-
-def _skip_missing_main() -> None:
-    # A spawned or forkserver child re-imports the parent's main script by
-    # its path; a program read from stdin (``python - < job.py``) has the
-    # path "<stdin>", which no child can run, and every worker would die at
-    # start. mpchan's own workers then skip the main module (its functions
-    # go by value: see _codec); other processes are left as they are.
-    global _prep_patched
-    if _prep_patched:
-        return
-    _prep_patched = True
-    from multiprocessing import spawn
-
-    original = spawn.get_preparation_data
-
-    def preparation_data(name: str) -> dict[str, Any]:
-        data: dict[str, Any] = original(name)
-        if name.startswith(_WORKER_NAME):
-            path = data.get("init_main_from_path")
-            if path is not None and not os.path.isfile(path):
-                del data["init_main_from_path"]
-        return data
-
-    spawn.get_preparation_data = preparation_data
-
-
-_preloaded = False
-
-
-def _preload_worker_in_forkserver() -> None:
-    # Each forkserver child is a fork of the server, so modules the server
-    # imported are free for every worker. Add ours to the preload list, if
-    # the server has not started yet, keeping whatever was there.
-    global _preloaded
-    if _preloaded:
-        return
-    _preloaded = True
-    from multiprocessing import forkserver
-
-    server = getattr(forkserver, "_forkserver", None)
-    if server is None or getattr(server, "_forkserver_pid", None) is not None:
-        return
-    modules = list(getattr(server, "_preload_modules", ["__main__"]))
-    if __name__.replace("_supervisor", "_worker") not in modules:
-        modules.append(__name__.replace("_supervisor", "_worker"))
-        with contextlib.suppress(Exception):
-            multiprocessing.get_context("forkserver").set_forkserver_preload(modules)
 
 
 # ---------------------------------------------------------------------------
@@ -847,6 +639,14 @@ def get_supervisor() -> Supervisor:
         if _default is None or _default.closed:
             _default = Supervisor()
         return _default
+
+
+def current_supervisor() -> Supervisor | None:
+    """Return the program's supervisor, or None when none was made (never makes one).
+
+    Never blocks. Process safety: any thread.
+    """
+    return _default
 
 
 def set_supervisor(supervisor: Supervisor | None) -> Supervisor | None:
@@ -881,7 +681,13 @@ def _idle_pids() -> set[int]:
     return sup.idle_pids() if sup is not None else set()
 
 
-def _shutdown_all() -> None:
+def shutdown_all() -> None:
+    """Shut down every supervisor of this process that is not shut down yet.
+
+    Blocks: until their workers have exited (see :meth:`Supervisor.shutdown`).
+    Cancellation: none; an error of one supervisor does not stop the others.
+    Process safety: any thread.
+    """
     for sup in list(_live_supervisors):
         with contextlib.suppress(Exception):
             sup.shutdown()
@@ -896,32 +702,10 @@ def _after_fork_in_child() -> None:
     _default_lock = threading.Lock()
     _live_supervisors.clear()
     _supervisor_threads.clear()
-    _forget_parents_forkserver()
-
-
-def _forget_parents_forkserver() -> None:
-    # multiprocessing's forkserver client state is per process, but a fork
-    # copies it: the child would try to use (and waitpid) its parent's
-    # server, and its copy of the server's "alive" pipe would keep that
-    # server running after the parent died. Start from a clean state; the
-    # child gets a server of its own if it needs one.
-    forkserver = sys.modules.get("multiprocessing.forkserver")
-    if forkserver is None:
-        return  # never imported: there is no server state to forget (and a fork stays cheap)
-    server = getattr(forkserver, "_forkserver", None)
-    if server is None or getattr(server, "_forkserver_pid", None) is None:
-        return
-    alive_fd = getattr(server, "_forkserver_alive_fd", None)
-    if alive_fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(alive_fd)
-    server._forkserver_alive_fd = None
-    server._forkserver_pid = None
-    server._forkserver_address = None
-    server._lock = threading.Lock()
+    forget_parents_forkserver()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 # Registered after multiprocessing's own exit hook, so it runs first: that
 # hook joins non-daemon children, which would wait forever for idle workers.
-atexit.register(_shutdown_all)
+atexit.register(shutdown_all)

@@ -235,7 +235,7 @@ def leave() -> NoReturn:
     with contextlib.suppress(BaseException):
         sup = sys.modules.get(__name__.rpartition(".")[0] + "._supervisor")
         if sup is not None:
-            sup._shutdown_all()
+            sup.shutdown_all()
     with contextlib.suppress(BaseException):
         util = sys.modules.get("multiprocessing.util")
         if util is not None:
@@ -274,7 +274,7 @@ def release_shared_memory() -> None:
     if shm is None:
         return
     me = os.getpid()
-    for seg in list(shm._registry.values()):
+    for seg in shm.registry_snapshot():
         with contextlib.suppress(Exception):
             if seg.core.detach(me) == 0:
                 shm.unlink_with_payloads(seg.name)
