@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["deadline_after", "monotonic_to_unix", "now", "remaining", "unix_to_monotonic"]
-
-
-def now() -> float:
-    """Return the current monotonic time in seconds. Never blocks."""
-    return time.monotonic()
+__all__ = ["deadline_after", "monotonic_to_unix", "remaining", "unix_to_monotonic"]
 
 
 def deadline_after(timeout: float | None) -> float | None:

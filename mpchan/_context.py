@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 from . import _core, _shm
@@ -424,6 +424,3 @@ def with_value(parent: Context, key: Hashable, value: Any) -> Context:
     except TypeError:
         raise TypeError(f"context key must be hashable, not {type(key).__name__}") from None
     return Context(parent._chain, parent._deadline, (*parent._values, (key, value)), own=False)
-
-
-CancelFuncT = Callable[..., None]
