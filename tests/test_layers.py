@@ -43,15 +43,13 @@ LAYERS: dict[str, int | str] = {
     "_select": 5,
     "_sync": 5,
     "_worker": 6,
-    "_poolworker": 6,
+    "_pool.worker": 6,  # the child side of a pool
     "_supervisor": 6,
     "_supervisor_*": 6,
     "_metrics": 6,  # the supervisor owns the metrics server
     "_go": 7,
     "_pool": 7,
-    "_pooltask": 7,
-    "_poolmap": 7,
-    "_pooldispatch": 7,
+    "_pool.*": 7,
     "_group": 7,
     "_stream": 8,
     "_stream_*": 8,

@@ -28,7 +28,7 @@ import pytest
 import mpchan
 from mpchan import PicklingError, SerializationError, UnpicklingError
 from mpchan._pool import Pool
-from mpchan._pooltask import PoolFuture
+from mpchan._pool.task import PoolFuture
 
 WAIT = 60
 

@@ -1,4 +1,4 @@
-"""The parent's records of a Pool: tasks, workers, futures (layer 7).
+"""The parent's records of a Pool: tasks, workers, futures (layer 7, ``_pool``).
 
 :class:`PoolFuture` is a ``concurrent.futures.Future`` that makes its
 ``threading.Condition`` only when somebody waits on it or adds a callback.
@@ -36,12 +36,12 @@ from concurrent.futures._base import (
 )
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ._errors import Cancelled
-from ._worker import describe_callable
+from .._errors import Cancelled
+from .._worker import describe_callable
 
 if TYPE_CHECKING:
-    from ._channel import Channel
-    from ._supervisor import Worker
+    from .._channel import Channel
+    from .workerset import Member
 
 __all__ = [
     "PoolFuture",
@@ -303,7 +303,7 @@ class Task:
         self.key = key  # the worker's key of the function sent by value, or 0
         self.blob = blob  # that function, pickled (for the workers without it)
         self.future: PoolFuture[Any] = PoolFuture()
-        # Invariant: slot and started change only under the pool's _lock.
+        # Invariant: slot and started change only under the pool's lock.
         self.slot: Slot | None = None  # the worker it is queued at, or None
         self.started = False  # the head of its worker's queue (running there)
         self.pid = 0  # the worker process that answered it
@@ -322,7 +322,6 @@ class Slot:
         "done",
         "fns",
         "killed",
-        "loop",
         "proc",
         "queue",
         "ready",
@@ -333,12 +332,11 @@ class Slot:
         "worker",
     )
 
-    def __init__(self, worker: Worker, ch: Channel) -> None:
+    def __init__(self, worker: Member, ch: Channel) -> None:
         self.wid = worker.id
         self.worker = worker
         self.ch = ch
-        self.loop: Future[bytes] | None = None
-        # Invariant: the fields below change only under Pool._lock.
+        # Invariant: the fields below change only under the pool's lock.
         self.queue: deque[Task] = deque()
         self.ready = False
         self.retiring = False  # told to stop, or announced it leaves: nothing runs

@@ -1,10 +1,10 @@
-"""Pool: a supervised worker pool that is a ``concurrent.futures.Executor`` (layer 7).
+"""Pool: a supervised worker pool that is a ``concurrent.futures.Executor`` (layer 7, ``_pool``).
 
 The facade: argument checks, the Executor API, ``stats`` and metrics. The
-work is done by a :class:`~mpchan._pooldispatch.Dispatch` (the queue, the
-workers, the collector thread; see its module for the data flow, the
-invariants and the lock order) and, for ``map``, by a
-:class:`~mpchan._poolmap.MapRun`.
+work is done by a :class:`~mpchan._pool.dispatch.Dispatch` (the queue, the
+workers, the collector thread; see ``dispatch.py``, ``core.py`` and
+``collector.py`` for the data flow, the invariants and the lock order)
+and, for ``map``, by a :class:`~mpchan._pool.map.MapRun`.
 
 Ownership:
     * The facade holds its Dispatch; nothing the Dispatch runs (threads,
@@ -19,17 +19,17 @@ Ownership:
 
 from __future__ import annotations
 
-import atexit
 import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from . import _metrics, _supervisor
-from ._context import Context
-from ._pooldispatch import Dispatch, shutdown_all
-from ._poolmap import MapRun
+from .. import _lifecycle, _metrics, _supervisor
+from .._context import Context
+from .collector import shutdown_all
+from .dispatch import Dispatch
+from .map import MapRun
 
 __all__ = ["Pool"]
 
@@ -92,11 +92,14 @@ class Pool(Executor):
         sup = _supervisor.get_supervisor()
         if start_method is not None and start_method != sup.start_method:
             sup = own_sup = _supervisor.Supervisor(start_method, max_idle=0)
+        # Before the pool exists: at exit, pools finish before the supervisor
+        # stops the processes (the order is _lifecycle's).
+        _lifecycle.on_exit("pool", shutdown_all)
         try:
             self._d = Dispatch(
                 workers,
                 sup=sup,
-                own_sup=own_sup,
+                own_sup=own_sup is not None,
                 initializer=initializer,
                 initargs=tuple(initargs),
                 max_tasks=max_tasks_per_worker,
@@ -346,7 +349,3 @@ class Pool(Executor):
 
 
 _pool_ids = iter(range(1, 1 << 62))  # the "pool" label of the metrics
-
-# Registered after the supervisor's exit hook, so it runs first (atexit is
-# last in, first out): pools stop before their workers and shared memory go.
-atexit.register(shutdown_all)

@@ -52,12 +52,12 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._codec import pickle_value
-from ._errors import EndOfChannel
-from ._worker import BROKEN, RAISED, RESULT, _encode_failure, leave, take_boot
+from .._codec import pickle_value
+from .._errors import EndOfChannel
+from .._worker import BROKEN, RAISED, RESULT, _encode_failure, leave, take_boot
 
 if TYPE_CHECKING:
-    from ._channel import Channel
+    from .._channel import Channel
 
 __all__ = ["pool_worker_loop"]
 

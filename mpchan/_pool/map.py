@@ -41,15 +41,15 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
-from ._codec import cannot_unpickle, release_unread
-from ._core import ChunkIter
-from ._pooltask import Task
-from ._poolworker import CHUNK1, CHUNKN
-from ._wake import current_waiter, wake
-from ._worker import decode_reply
+from .._codec import cannot_unpickle, release_unread
+from .._core import ChunkIter
+from .._wake import current_waiter, wake
+from .._worker import decode_reply
+from .task import Task
+from .worker import CHUNK1, CHUNKN
 
 if TYPE_CHECKING:
-    from ._pooldispatch import Dispatch
+    from .dispatch import Dispatch
 
 __all__ = ["MapRun"]
 
