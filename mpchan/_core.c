@@ -43,6 +43,23 @@
  * marks the mutex consistent, so a dead process never freezes the channel.
  * No Python object that the garbage collector tracks is created while the
  * mutex is held (a collection could run finalisers that lock again).
+ *
+ * What else lives here, and why it is not in Python:
+ *   - dgram_wake / dgram_drain (the wake-up layer, _wake.py): one datagram
+ *     per parked waiter, sent and drained without releasing the GIL --
+ *     socket.sendto releases it, and a waker that gives the GIL away per
+ *     wake-up hands a 2-core machine to its waiters mid-send.
+ *   - ChunkIter (a pool's map, _pool/map.py): it yields the items of result
+ *     chunks and *steals* each item's reference as it yields it, so a
+ *     consumed result is freed at once (the map contract: results are
+ *     dropped as they are yielded) for no cost per item; a Python
+ *     generator over lists keeps every item of a chunk alive until the
+ *     chunk is done, or pays a del per item. It is data plane: it touches
+ *     every result a map returns.
+ *   - waiters() and _die_locked() are test hooks on a channel core: the
+ *     waiter table as data, and a deliberate death holding the robust mutex
+ *     (the crash tests of recover()). Neither is reachable from the public
+ *     API, and a death holding the mutex cannot be produced from Python.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
