@@ -57,7 +57,7 @@ import types
 import weakref
 from typing import Any
 
-from ._errors import PicklingError, UnpicklingError
+from ._errors import PicklingError, UnpicklingError, exception_chain
 
 __all__ = [
     "OOB_MIN",
@@ -404,20 +404,13 @@ def cannot_unpickle(what: str, exc: BaseException) -> UnpicklingError:
 def _frames_to_text(exc: BaseException) -> None:
     import traceback
 
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in exception_chain(exc):
         tb = e.__traceback__
         if tb is not None:
             with contextlib.suppress(Exception):
                 text = "".join(traceback.format_tb(tb))
                 e.add_note("Traceback (most recent call last):\n" + text.rstrip("\n"))
             e.__traceback__ = None
-        todo += [e.__cause__, e.__context__]
 
 
 def dumps(value: Any) -> bytes:

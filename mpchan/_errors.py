@@ -8,6 +8,7 @@ Every error mpchan raises on purpose derives from :class:`MpchanError`.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import Any
 
@@ -195,3 +196,17 @@ def rebuild_remote(
         exc.__cause__ = remote_traceback(f'\n"""\n{traceback}"""')
     exc.add_note(note)
     return exc
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception its ``__cause__`` / ``__context__`` chain
+    reaches, each once (a chain may loop). Never blocks."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]

@@ -1,4 +1,4 @@
-"""The state of a Pool and its scheduling: queue, slots, lock (layer 7, ``_pool``).
+r"""The state of a Pool and its scheduling: queue, slots, lock (layer 7, ``_pool``).
 
 A :class:`PoolCore` is the one owner of a pool's queue (``pending``), its
 worker slots, its lock and its lifecycle state. The dispatch
@@ -15,8 +15,8 @@ methods here, or under ``lock`` as the invariants below say.
 Lifecycle (``state``, forward only)::
 
     OPEN --shutdown--> SHUTDOWN --(nothing left, workers gone)--> collector ends
-      |  \\--drain---> DRAINING (a running map ends quietly)       (done_event set)
-      \\-- initializer failed / workers die before ready / a bug --> BROKEN
+      |  \--drain---> DRAINING (a running map ends quietly)       (done_event set)
+      \-- initializer failed / workers die before ready / a bug --> BROKEN
 
 Invariants:
     * ``slot.queue`` lists, oldest first, every task assigned to the worker
@@ -63,6 +63,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from concurrent.futures._base import CANCELLED, PENDING, RUNNING
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -93,6 +94,7 @@ __all__ = [
     "DEPTH_MAX",
     "TASK_CAPACITY",
     "PoolCore",
+    "Settings",
     "State",
     "boot_args",
     "expected_seconds",
@@ -126,6 +128,20 @@ class State(enum.Enum):
     BROKEN = "broken"  # failed: what is queued failed, later submits fail
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What a pool was made with (checked by the facade). Never blocks."""
+
+    workers: int
+    initializer: Callable[..., Any] | None = None
+    initargs: tuple[Any, ...] = ()
+    max_tasks: int | None = None  # per worker, then it is replaced
+    max_memory: int | None = None  # bytes of RSS after a task, then it is replaced
+    task_timeout: float | None = None  # seconds; the worker is killed and replaced
+    retries: int = 0  # runs again of a task whose worker died
+    ctx: Context | None = None
+
+
 class PoolCore:
     """A pool's queue, slots, lock, state and counters (see the module).
 
@@ -134,26 +150,16 @@ class PoolCore:
     """
 
     def __init__(
-        self,
-        workers: int,
-        *,
-        worker_set: Callable[[Callable[[], Any]], WorkerSet],
-        initializer: Callable[..., Any] | None,
-        initargs: tuple[Any, ...],
-        max_tasks: int | None,
-        max_memory: int | None,
-        task_timeout: float | None,
-        retries: int,
-        ctx: Context | None,
+        self, settings: Settings, worker_set: Callable[[Callable[[], Any]], WorkerSet]
     ) -> None:
-        self.nworkers = workers
-        self.initializer = initializer
-        self.initargs = initargs
-        self.max_tasks = max_tasks
-        self.max_memory = max_memory
-        self.task_timeout = task_timeout
-        self.retries = retries
-        self.ctx = ctx
+        self.nworkers = settings.workers
+        self.initializer = settings.initializer
+        self.initargs = settings.initargs
+        self.max_tasks = settings.max_tasks
+        self.max_memory = settings.max_memory
+        self.task_timeout = settings.task_timeout
+        self.retries = settings.retries
+        self.ctx = settings.ctx
         self.fns = FunctionCache()
         self.maps: weakref.WeakSet[Any] = weakref.WeakSet()  # running MapRuns
         self.tids = itertools.count(1)  # 0 is the tid of a DEFINE
@@ -191,7 +197,7 @@ class PoolCore:
         # The boot is a partial of a module function, not a method: the
         # worker set holding it must not keep this core (and its channels,
         # its ctx) alive in a reference cycle.
-        self.workers = worker_set(partial(boot_args, initializer, initargs))
+        self.workers = worker_set(partial(boot_args, self.initializer, self.initargs))
 
     @property
     def closed(self) -> bool:

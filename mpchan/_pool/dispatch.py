@@ -29,17 +29,16 @@ that made the pool; nothing here pickles but the calls it is given.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED
 from typing import Any
 
 from .._codec import cannot_pickle, pickle_value
-from .._context import Context
 from .._supervisor import Supervisor
 from .._worker import describe_callable
 from .collector import Collector
-from .core import PoolCore, State, failed
+from .core import PoolCore, Settings, State, failed
 from .task import PoolFuture, Slot, Task
 from .worker import CALL, TASK_HDR
 from .workerset import LocalWorkerSet
@@ -54,37 +53,14 @@ class Dispatch:
     process that made it; it does not pickle.
     """
 
-    def __init__(
-        self,
-        workers: int,
-        *,
-        sup: Supervisor,
-        own_sup: bool,
-        initializer: Callable[..., Any] | None,
-        initargs: tuple[Any, ...],
-        max_tasks: int | None,
-        max_memory: int | None,
-        task_timeout: float | None,
-        retries: int,
-        ctx: Context | None,
-    ) -> None:
-        self.nworkers = workers
-        self.task_timeout = task_timeout
-        self.ctx = ctx
-        self.core = core = PoolCore(
-            workers,
-            worker_set=lambda boot: LocalWorkerSet(sup, own_sup, boot),
-            initializer=initializer,
-            initargs=initargs,
-            max_tasks=max_tasks,
-            max_memory=max_memory,
-            task_timeout=task_timeout,
-            retries=retries,
-            ctx=ctx,
-        )
+    def __init__(self, settings: Settings, *, sup: Supervisor, own_sup: bool) -> None:
+        self.nworkers = settings.workers
+        self.task_timeout = settings.task_timeout
+        self.ctx = settings.ctx
+        self.core = core = PoolCore(settings, lambda boot: LocalWorkerSet(sup, own_sup, boot))
         self.collector = Collector(core)
         try:
-            for _ in range(workers):
+            for _ in range(settings.workers):
                 core.start_slot()
         except BaseException:
             core.abort()

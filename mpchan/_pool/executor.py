@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from .. import _lifecycle, _metrics, _supervisor
 from .._context import Context
 from .collector import shutdown_all
+from .core import Settings
 from .dispatch import Dispatch
 from .map import MapRun
 
@@ -97,16 +98,18 @@ class Pool(Executor):
         _lifecycle.on_exit("pool", shutdown_all)
         try:
             self._d = Dispatch(
-                workers,
+                Settings(
+                    workers,
+                    initializer=initializer,
+                    initargs=tuple(initargs),
+                    max_tasks=max_tasks_per_worker,
+                    max_memory=max_memory_per_worker,
+                    task_timeout=task_timeout,
+                    retries=retries,
+                    ctx=ctx,
+                ),
                 sup=sup,
                 own_sup=own_sup is not None,
-                initializer=initializer,
-                initargs=tuple(initargs),
-                max_tasks=max_tasks_per_worker,
-                max_memory=max_memory_per_worker,
-                task_timeout=task_timeout,
-                retries=retries,
-                ctx=ctx,
             )
         except BaseException:
             if own_sup is not None:

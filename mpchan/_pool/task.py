@@ -36,7 +36,7 @@ from concurrent.futures._base import (
 )
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .._errors import Cancelled
+from .._errors import Cancelled, exception_chain
 from .._worker import describe_callable
 
 if TYPE_CHECKING:
@@ -352,18 +352,14 @@ class Slot:
 
 
 def drop_local_tracebacks(exc: BaseException) -> None:
-    # An exception raised here keeps this thread's frames, and through them
-    # the pool's channels, alive for as long as its Future lives. Its local
-    # frames say nothing useful (the remote traceback is in __cause__).
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    """Forget the local frames of ``exc`` and its chain. Never blocks.
+
+    An exception raised here keeps this thread's frames, and through them
+    the pool's channels, alive for as long as its Future lives. Its local
+    frames say nothing useful (the remote traceback is in ``__cause__``).
+    """
+    for e in exception_chain(exc):
         e.__traceback__ = None
-        todo += [e.__cause__, e.__context__]
 
 
 def copy_error(exc: BaseException) -> BaseException:
