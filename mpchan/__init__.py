@@ -166,7 +166,11 @@ def shutdown(timeout: float | None = None) -> None:
     terminated, then killed after ``timeout``; default grace 5 s).  Later
     calls start afresh.
 
-    Blocks: until every worker has exited.
+    Blocks: until every worker has exited (at most about ``timeout``
+    seconds, then killed).
+    Cancellation: none; it is meant for the end of a program or a test.
+    Process safety: any thread of the process that started the workers;
+    what other threads submit meanwhile fails with ShutdownError.
     """
     from . import _supervisor
 

@@ -142,10 +142,13 @@ class Group:
         """The results in ``go()`` order, once every function ended (see :meth:`wait`).
 
         Blocks: as :meth:`wait` without a timeout. Raises the first error.
+        Cancellation: none of its own (the functions see :attr:`ctx`).
+        Process safety: any thread of the process that made the group.
         """
         return self.wait()
 
     def __enter__(self) -> Group:
+        """The group itself. Never blocks."""
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -154,6 +157,10 @@ class Group:
         When the block itself raised, :attr:`ctx` is cancelled first (the
         functions may stop early) and the block's exception propagates, with
         the group's errors added as notes.
+
+        Blocks: until every function started has ended.
+        Cancellation: leaving by an exception cancels :attr:`ctx` first.
+        Process safety: the thread that entered the block.
         """
         if exc is None:
             self.wait()

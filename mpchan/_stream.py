@@ -270,9 +270,14 @@ class Stream:
             self._run.close()
 
     def __enter__(self) -> Stream:
+        """The stream itself. Never blocks."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """:meth:`close` the stream.
+
+        Blocks, Cancellation, Process safety: as :meth:`close`.
+        """
         self.close()
 
     def __del__(self) -> None:
