@@ -12,9 +12,25 @@ used in::
                       (pools finish or cancel their tasks while workers
                       still run; the supervisor then stops every process;
                       segments are unlinked last, when nobody maps them)
+                      -> multiprocessing's own exit hook
+                      (it joins every non-daemon child: run before the
+                      supervisor, it would wait forever for idle workers)
     in a fork child:  wake -> shm -> supervisor -> metrics
                       (the parent's sockets, segments, processes and server
-                      belong to the parent: forget them, lowest layer first)
+                      belong to the parent: forget them, lowest layer first;
+                      no hook depends on another having run)
+
+Where each hook is registered (on first use unless said otherwise):
+
+    exit  pool        the first Pool (_pool)
+          stream      declared for pipelines (_stream)
+          supervisor  the first Supervisor (_supervisor)
+          shm         the first session token or segment of this process (_shm)
+    fork  wake        at import: its thread-local waiters exist from then (_wake)
+          shm         with shm's exit hook
+          supervisor  at import: the program-supervisor lock and
+                      multiprocessing's forkserver state exist from then
+          metrics     the first use of the metrics registry or server (_metrics)
 
 Invariants:
     - every hook name is declared in a table below (an undeclared name is a
@@ -23,7 +39,10 @@ Invariants:
       raises does not stop the others (the error is written to stderr, as
       ``atexit`` does);
     - registering the same name again replaces its function (a module that
-      is re-imported in a test does not run twice).
+      is re-imported in a test does not run twice);
+    - the ``atexit`` handler is registered after multiprocessing's own exit
+      hook (``on_exit`` imports ``multiprocessing.util`` first), so it runs
+      before it (``atexit`` is last in, first out).
 
 Ownership: the tables and the two installed handlers belong to this module;
 a hook's function belongs to its module.
@@ -63,6 +82,10 @@ def on_exit(name: str, fn: Callable[[], None]) -> None:
     global _exit_installed
     if name not in EXIT_ORDER:
         raise ValueError(f"undeclared exit hook {name!r} (declare it in EXIT_ORDER)")
+    if not _exit_installed:
+        # Registers multiprocessing's exit hook (if nothing did yet) before
+        # ours, so that ours runs first: see the Invariants.
+        import multiprocessing.util  # noqa: F401
     with _lock:
         _exit_hooks[name] = fn
         if not _exit_installed:

@@ -30,8 +30,10 @@ Ownership:
     - the Supervisor made with ``metrics_port`` starts its server and
       stops it in ``shutdown``, which joins the server thread and every
       request thread (``MetricsServer.close``): nothing outlives it.
-    - a forked child closes the listening sockets it inherited (at fork),
-      so a port is free again as soon as its server closes.
+    - a forked child closes the listening sockets it inherited (at fork:
+      ``_lifecycle``'s "metrics" hook, registered on the first use of the
+      registry or of a server), so a port is free again as soon as its
+      server closes.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from . import _shm
+from . import _lifecycle, _shm
 
 __all__ = [
     "CONTENT_TYPE",
@@ -89,6 +91,17 @@ _lock = threading.Lock()
 _sources: weakref.WeakKeyDictionary[Any, Callable[[Any], Iterable[Family]]] = (
     weakref.WeakKeyDictionary()
 )
+_hooked = False
+
+
+def _hook_lifecycle() -> None:
+    # On first use of the registry or of a server, before it takes _lock: a
+    # forked child must then forget the parent's sources and servers, and
+    # renew a lock a thread of the parent may hold.
+    global _hooked
+    if not _hooked:
+        _lifecycle.on_fork_child("metrics", _after_fork_in_child)
+        _hooked = True
 
 
 def register(owner: T, source: Callable[[T], Iterable[Family]]) -> None:
@@ -101,12 +114,14 @@ def register(owner: T, source: Callable[[T], Iterable[Family]]) -> None:
     """
     if isinstance(source, types.MethodType) and source.__self__ is owner:
         raise TypeError("source must not be a bound method of its owner (it would never be freed)")
+    _hook_lifecycle()
     with _lock:
         _sources[owner] = source
 
 
 def unregister(owner: object) -> None:
     """Stop reporting ``owner`` (nothing happens if it was not registered). Never blocks."""
+    _hook_lifecycle()
     with _lock, contextlib.suppress(KeyError, TypeError):
         del _sources[owner]
 
@@ -116,6 +131,7 @@ def collect() -> list[Family]:
 
     Never blocks (beyond the owners' short locks). Process safety: any thread.
     """
+    _hook_lifecycle()
     with _lock:
         entries = list(_sources.items())
     families: list[Family] = []
@@ -321,6 +337,7 @@ class MetricsServer:
             raise TypeError(f"metrics_port must be an int, not {type(port).__name__}")
         if not 0 <= port <= 65535:
             raise ValueError(f"metrics_port must be a port number from 0 to 65535, not {port}")
+        _hook_lifecycle()  # before the socket exists: a forked child closes it
         try:
             self._httpd = _http_server(port)
         except OSError as exc:
@@ -402,6 +419,3 @@ def _after_fork_in_child() -> None:
     for server in list(_live_servers):
         server._forget_after_fork()
     _live_servers.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -26,8 +26,11 @@ Invariants:
 
 Ownership:
     - every process maps what it uses and detaches when its last local
-      handle goes (or at exit); the process whose detach leaves no live
-      holder unlinks the channel and its payload files.
+      handle goes (or at exit: ``_lifecycle``'s "shm" hook, the last one,
+      registered when the process first joins a session or maps a
+      segment); the process whose detach leaves no live holder unlinks the
+      channel and its payload files, and the root unlinks at its exit
+      whatever of its session is left.
     - the reaper (``_reaper.py``, one per program, started by the root on
       first use) unlinks what is left once the holders are dead, and
       everything of the session once the root is gone -- also when the root
@@ -36,7 +39,6 @@ Ownership:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import mmap
 import os
@@ -48,7 +50,7 @@ import threading
 import weakref
 from typing import Any
 
-from . import _core
+from . import _core, _lifecycle
 from ._compat import IS_LINUX, SHM_DIR
 
 __all__ = [
@@ -77,6 +79,7 @@ _session: str | None = None
 _reaper: subprocess.Popen[bytes] | None = None
 _is_root = False
 _reaper_checked = False
+_hooked = False
 _pid = os.getpid()
 
 
@@ -104,7 +107,21 @@ def session_token() -> str:
                 _session = secrets.token_hex(6)
                 _is_root = True
                 os.environ[_ENV] = f"{_session}:{os.getpid()}"
+    _hook_lifecycle()
     return _session
+
+
+def _hook_lifecycle() -> None:
+    # On first use -- this process joins a session or maps a segment: from
+    # then on there is something to release at exit (last of all, when the
+    # pools and the supervisor stopped using it: _lifecycle's order) and to
+    # take over in a forked child.
+    global _hooked
+    if _hooked:
+        return
+    _lifecycle.on_exit("shm", _at_exit)
+    _lifecycle.on_fork_child("shm", _after_fork_in_child)
+    _hooked = True
 
 
 def _ensure_reaper(token: str) -> None:
@@ -323,6 +340,8 @@ def create_segment(
 
 
 def _make_segment(name: str, core: Any) -> Segment:
+    if not _hooked:
+        _hook_lifecycle()
     seg = Segment.__new__(Segment)
     seg.name = name
     seg.core = core
@@ -330,9 +349,9 @@ def _make_segment(name: str, core: Any) -> Segment:
     seg.blob_maps = {}
     seg._fin = weakref.finalize(seg, _detach, name, core, seg.blob_maps)
     # At exit, _at_exit releases every live segment, after the pools and the
-    # supervisor stopped using them (atexit order); a finalizer run at exit
-    # would come first (weakref registers its hook late) and pull a channel
-    # from under a thread still waiting on it.
+    # supervisor stopped using them (_lifecycle's order); a finalizer run at
+    # exit would come first (weakref registers its hook late) and pull a
+    # channel from under a thread still waiting on it.
     seg._fin.atexit = False
     with _lock:
         _registry[name] = seg
@@ -399,9 +418,6 @@ def _after_fork_in_child() -> None:
             seg.core.attach(me)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 def _at_exit() -> None:
     for seg in list(_registry.values()):
         seg.release()
@@ -417,6 +433,3 @@ def _at_exit() -> None:
         # and a program's exit must not wait on its clean-up pass.
         with contextlib.suppress(Exception):
             _reaper.terminate()
-
-
-atexit.register(_at_exit)

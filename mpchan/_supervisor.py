@@ -1,4 +1,4 @@
-"""The supervisor: owner of every worker process of this program (layer 6).
+r"""The supervisor: owner of every worker process of this program (layer 6).
 
 One :class:`Supervisor` per program (``get_supervisor()`` makes it lazily)
 starts worker processes, keeps idle ones in a bounded warm cache, hands them
@@ -12,7 +12,7 @@ Data flow::
     caller thread (go, Pool)                      supervisor thread
     ------------------------                      ("mpchan-infra-supervisor")
     acquire() --- idle cache (LIFO) --+
-        |   \\__ empty: start_process |            wait([wake_r,
+        |   \__ empty: start_process  |            wait([wake_r,
         v                             |                  conn of every worker,
     run(worker, request) ----------> worker.conn       sentinel of every worker],
         |      send_bytes(b"T"...)       |               timeout=next idle expiry)
@@ -24,10 +24,6 @@ Data flow::
     death watch:  supervisor holds deathwatch (write end) --pipe--> worker
                   thread reading the read end; EOF (supervisor gone,
                   SIGKILL included) -> os._exit in the worker.
-
-    metrics:      Supervisor(metrics_port=P) owns a MetricsServer (_metrics),
-                  serving every registered source (its workers by state
-                  among them) until shutdown closes and joins it.
 
 Invariants:
     * ``_workers`` holds every started process that has not been reaped
@@ -60,13 +56,15 @@ Ownership:
     * The metrics server (if any) is started by ``__init__`` before any
       other resource and closed by ``shutdown`` (after the workers are
       gone), which joins its threads.
+    * At exit, ``shutdown_all`` (``_lifecycle``'s "supervisor" hook, which
+      the first Supervisor registers) stops every supervisor not yet shut
+      down: after the pools' hook, before shared memory's.
 
 Lock order: ``_shutdown_lock`` before ``_lock``; ``_fork_lock`` before ``_lock``.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import multiprocessing.connection
@@ -78,7 +76,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import _compat, _metrics, _shm
+from . import _compat, _lifecycle, _metrics, _shm
 from ._errors import ShutdownError
 from ._supervisor_process import (
     WORKER_STATES,
@@ -87,10 +85,11 @@ from ._supervisor_process import (
     crashed_error,
     fd_ready,
     forget_parents_forkserver,
+    method_for_start,
     start_process,
     stop_processes,
 )
-from ._worker import DEATHWATCH_THREAD_NAME, QUIT
+from ._worker import QUIT
 
 __all__ = [
     "Supervisor",
@@ -171,6 +170,9 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
         _live_supervisors.add(self)
+        # On first use (again: replaces, harmless): at exit, stop every
+        # process after the pools finished and before shared memory goes.
+        _lifecycle.on_exit("supervisor", shutdown_all)
         _metrics.register(self, Supervisor._metric_families)
 
     # -- properties -----------------------------------------------------------
@@ -435,20 +437,8 @@ class Supervisor:
         worker.idle_since = time.monotonic()
         self._idle.append(worker)
 
-    def _method_for_start(self) -> str:
-        if self._start_method != "fork":
-            return self._start_method
-        me = threading.current_thread()
-        for t in threading.enumerate():
-            if t is me or t.name == DEATHWATCH_THREAD_NAME:
-                continue
-            if t.name == THREAD_NAME and t in _supervisor_threads:
-                continue  # ours: it never holds a lock a forked worker needs
-            return "forkserver"
-        return "fork"
-
     def _start_worker(self, boot: Any = None) -> Worker:
-        method = self._method_for_start()
+        method = method_for_start(self._start_method, _supervisor_threads)
         wid = next(self._ids)
         if method != "fork":
             return start_process(method, wid, boot)
@@ -682,11 +672,9 @@ def _idle_pids() -> set[int]:
 
 
 def shutdown_all() -> None:
-    """Shut down every supervisor of this process that is not shut down yet.
+    """Shut down every supervisor of this process not shut down yet (errors ignored).
 
-    Blocks: until their workers have exited (see :meth:`Supervisor.shutdown`).
-    Cancellation: none; an error of one supervisor does not stop the others.
-    Process safety: any thread.
+    Blocks, Cancellation, Process safety: as :meth:`Supervisor.shutdown`.
     """
     for sup in list(_live_supervisors):
         with contextlib.suppress(Exception):
@@ -705,7 +693,6 @@ def _after_fork_in_child() -> None:
     forget_parents_forkserver()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
-# Registered after multiprocessing's own exit hook, so it runs first: that
-# hook joins non-daemon children, which would wait forever for idle workers.
-atexit.register(shutdown_all)
+# At import: _default_lock and multiprocessing's forkserver state can be
+# copied by a fork before any supervisor exists.
+_lifecycle.on_fork_child("supervisor", _after_fork_in_child)

@@ -64,14 +64,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ._errors import WorkerCrashed
-from ._worker import ORPHANED_EXITCODE, QUIT, worker_main
+from ._worker import DEATHWATCH_THREAD_NAME, ORPHANED_EXITCODE, QUIT, worker_main
 
 __all__ = [
     "START_METHODS",
@@ -82,6 +82,7 @@ __all__ = [
     "crashed_error",
     "fd_ready",
     "forget_parents_forkserver",
+    "method_for_start",
     "start_process",
     "stop_processes",
 ]
@@ -200,6 +201,24 @@ def check_start_method(method: str) -> str:
     if method not in multiprocessing.get_all_start_methods():
         raise ValueError(f"start method {method!r} is not available on this platform")
     return method
+
+
+def method_for_start(method: str, own_threads: Container[threading.Thread]) -> str:
+    """The start method to use now for a supervisor configured with ``method``.
+
+    ``"fork"`` becomes ``"forkserver"`` while a thread is alive besides the
+    caller, a death watch and ``own_threads`` (supervisor threads, which never
+    hold a lock a forked worker needs): forking a threaded process can copy a
+    held lock. Never blocks. Process safety: any thread.
+    """
+    if method != "fork":
+        return method
+    me = threading.current_thread()
+    for t in threading.enumerate():
+        if t is me or t.name == DEATHWATCH_THREAD_NAME or t in own_threads:
+            continue
+        return "forkserver"
+    return "fork"
 
 
 def start_process(method: str, wid: int, boot: Any = None, inherited: Iterable[int] = ()) -> Worker:

@@ -179,4 +179,7 @@ def _after_fork_in_child() -> None:
     _tls = threading.local()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# At import: _tls, whose waiters a forked child must not reuse, exists from then on.
+from ._lifecycle import on_fork_child  # noqa: E402  (beside its only use)
+
+on_fork_child("wake", _after_fork_in_child)

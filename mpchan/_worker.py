@@ -58,6 +58,7 @@ __all__ = [
     "QUIT",
     "decode_reply",
     "describe_callable",
+    "encode_failure",
     "encode_task",
     "leave",
     "release_shared_memory",
@@ -302,19 +303,19 @@ def _run_one(msg: bytes) -> bytes:
     try:
         fn, args, kwargs = pickle.loads(memoryview(msg)[1:])
     except BaseException as e:
-        return BROKEN + _encode_failure(e, "unpickling the task")
+        return BROKEN + encode_failure(e, "unpickling the task")
     try:
         value = fn(*args, **kwargs)
     except BaseException as e:
         # SystemExit and KeyboardInterrupt included: sys.exit() in a task is
         # an exception like any other and must not end the worker.
         del fn, args, kwargs
-        return RAISED + _encode_failure(e, "", skip_frames=1)
+        return RAISED + encode_failure(e, "", skip_frames=1)
     del fn, args, kwargs
     try:
         data = _dumps(value)
     except BaseException as e:
-        return BROKEN + _encode_failure(e, "pickling the result")
+        return BROKEN + encode_failure(e, "pickling the result")
     return RESULT + data
 
 
@@ -324,7 +325,15 @@ def _dumps(obj: Any) -> bytes:
     return pickle_value(obj)
 
 
-def _encode_failure(exc: BaseException, stage: str, skip_frames: int = 0) -> bytes:
+def encode_failure(exc: BaseException, stage: str, skip_frames: int = 0) -> bytes:
+    """The body of a ``RAISED`` or ``BROKEN`` reply carrying ``exc``.
+
+    ``stage`` is "" for an exception the task raised, else what failed
+    ("pickling the result"...); ``skip_frames`` drops the caller's own
+    frames from the front of the traceback. An exception that cannot be
+    pickled still travels as its type name, message and traceback text.
+    Never blocks (beyond the pickling).
+    """
     tb = exc.__traceback__
     for _ in range(skip_frames):  # drop this module's own frames
         if tb is not None and tb.tb_next is not None:
@@ -348,6 +357,9 @@ def _encode_failure(exc: BaseException, stage: str, skip_frames: int = 0) -> byt
         stage=stage,
     )
     return pickle.dumps(tuple(failure), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+_encode_failure = encode_failure  # its earlier, private spelling (_pool.worker imports it)
 
 
 def _safe_str(obj: object) -> str:
