@@ -9,50 +9,58 @@ Data flow of one message::
              reusable payload slot)
     wake keys returned by C ----- one datagram per parked waiter ---> poll() returns
 
-Payloads that do not fit in the ring go to per-channel payload slot files
-(reused; a new one is sized to its message plus 1/64).  A sender that finds
-no free slot that fits, while a receiver is copying out of one (or is
-parked, about to take one), waits for that one (at most ``_SLOT_WAIT_S``):
-making a slot costs far more than a copy.
+How values become records (ring or payload files) is ``_channel_payload``'s.
 
-A blocked call registers this thread's waiter key in the segment *in the
-same locked step* that found the channel full/empty, so no wake-up is lost;
-then it polls its wake socket (no CPU used) in slices of at most
-``_SLICE`` seconds, re-checking state, the timeout and the context each
-time.  A waiter that leaves without taking what it was woken for passes the
-wake-up on (``wake_one``), so a timed-out receiver never strands a message.
+One call, fastest first::
 
-Capacity 0 is a rendezvous: the sender stages its record and waits until a
-receiver has taken it; a send that times out or is cancelled withdraws the
-record under the lock (``retract``), so it either happened or left nothing.
+    send/recv: one locked core step ---- OK/CLOSED --> done (no Parking made)
+      | FULL/EMPTY
+      v
+    spin (adaptive, yielding) ---------- OK/CLOSED --> done
+      | still FULL/EMPTY
+      v
+    Parking: p.track(core); core step registering p.key in the locked step
+      that finds FULL/EMPTY; p.wait() (timeout/ctx raise here); p.release();
+      again -- the ``with`` block unregisters whatever ends it
+
+Invariants:
+    - a blocked call registers this thread's waiter key *in the same locked
+      step* that found the channel full/empty, so no wake-up is lost.
+    - a waiter that leaves (timeout, cancel, interrupt) without taking what
+      it may have been woken for passes the wake-up on (``wake_one``), so a
+      timed-out receiver never strands a message.
+    - capacity 0 is a rendezvous: the sender stages its record and waits
+      until a receiver has taken it; a send that times out or is cancelled
+      withdraws the record under the lock (``retract``), so it either
+      happened or left nothing.
+    - Cancelled / TimeoutError are raised only by ``Parking.wait``, before
+      parking: the state was re-checked since the last wake-up.
+
+Ownership:
+    - the segment is the channel's: any holder writes it under its mutex;
+      the last holder to detach (or the reaper) unlinks it (``_shm``).
+    - wake keys returned by the core are sent by the caller that changed
+      the state, after the mutex is released (``_wake``); keys found dead
+      are unregistered here and their wake-up passed on.
+
+Lock order: only the segment mutex, inside one core call at a time; none is
+held while encoding, decoding or parked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import pickle
-import secrets
-import struct
-import sys
 from collections.abc import Iterable, Iterator
 from os import sched_yield as _yield
 from time import perf_counter
-from time import sleep as _sleep
 from typing import TYPE_CHECKING, Any
 
 from . import _core, _shm
-from ._clock import deadline_after, remaining
-from ._codec import (
-    TAG_BYTEARRAY,
-    TAG_BYTES,
-    TAG_PICKLE,
-    cannot_unpickle,
-    decode,
-    encode,
-    note_transit,
-)
-from ._errors import ChannelClosed, EndOfChannel, SerializationError, WouldBlock
-from ._wake import Waiter, current_waiter, wake
+from ._channel_payload import TAG_BLOB, PayloadCodec, inline_limit, ring_size_for
+from ._codec import TAG_PICKLE, cannot_unpickle, note_transit
+from ._errors import ChannelClosed, EndOfChannel, WouldBlock
+from ._park import Parking, deadline_for
+from ._wake import wake
 
 if TYPE_CHECKING:
     from ._context import Context
@@ -69,17 +77,9 @@ OK, FULL, CLOSED, NOSPACE, EMPTY = (
 W_RECV, W_SEND, W_SELECT = _core.W_RECV, _core.W_SEND, _core.W_SELECT
 OP_NEED_RECEIVER, OP_SELECT = _core.OP_NEED_RECEIVER, _core.OP_SELECT
 NOBLOB = _core.NOBLOB
-REC = _core.REC_SIZE
 
-_SIMPLE = frozenset({int, float, str, bool, type(None)})  # never out-of-band buffers
-_dumps = pickle.dumps
 _loads = pickle.loads
 
-TAG_BLOB = 0x100  # record payload is a descriptor of an out-of-band payload file
-_DESC = struct.Struct("<iQ16sQH")  # slot, gen, one-off id, pickle/raw length, n buffers
-_LEN = struct.Struct("<Q")
-
-_SLICE = 0.25  # longest single park: a safety net, never the wake-up path
 _SPIN_S = 50e-6  # spin (yielding, locked re-checks) this long before parking
 # Adaptive spinning: spinning pays only while the other side runs at the same
 # time (an idle machine: a round trip then never parks).  Each re-check
@@ -110,45 +110,7 @@ def _spin_result(ok: bool) -> None:
     _spin[0] = _SPIN_MAX if c > _SPIN_MAX else c
 
 
-_MIN_RING = 64 * 1024
-_MAX_RING = 64 * 1024 * 1024
-_PER_MSG = 512  # ring bytes per message of capacity (see _inline_limit)
-_BLOB_MIN = 1 << 20
-_SLOT_STEP = 64 * 1024
-_SLOT_WAIT_S = 0.05  # longest wait for a payload slot being copied out
-_SLOT_POLL_S = 50e-6
-_NUMPY_COPY_MIN = 1 << 20
-
-
-def _ring_size_for(capacity: int) -> int:
-    size = max(_MIN_RING, min(_MAX_RING, capacity * _PER_MSG))
-    return (size + 7) & ~7
-
-
-def _inline_limit(ring: int) -> int:
-    """Largest payload tried in the ring; bigger ones travel out of band (their
-    ring record is a small descriptor).
-
-    Invariant: ``capacity`` records of the *hard* size (``ring/(capacity+1)``)
-    plus one end-of-ring PAD always fit, so a buffered channel accepts
-    ``capacity`` messages whatever their sizes.  A buffered channel also
-    tries records up to a quarter of the ring inline: the core takes one
-    only while the room of every message the capacity still allows stays
-    free, and answers NOSPACE otherwise (the sender then goes out of band).
-    """
-    return min((ring // 4) & ~7, 64 * 1024) - REC
-
-
-def _slot_size(n: int) -> int:
-    """Size of a new payload slot for ``n`` bytes: 1/64 headroom, rounded up
-    to 64 KiB, at least 1 MiB.  Tight on purpose: every byte of a fresh slot
-    is expensive (tmpfs pages allocated and zeroed by the sender -- about
-    1 GB/s here, far slower than memcpy -- and mapped by each receiver)."""
-    n += n >> 6
-    return max(_BLOB_MIN, (n + _SLOT_STEP - 1) // _SLOT_STEP * _SLOT_STEP)
-
-
-class Channel:
+class Channel(PayloadCodec):
     """A Go channel whose buffer lives in shared memory.
 
     ``Channel(capacity=0)``: 0 is an unbuffered rendezvous (a send completes
@@ -173,7 +135,7 @@ class Channel:
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
-        ring = _ring_size_for(capacity)
+        ring = ring_size_for(capacity)
         hard = min(ring // 4, ring // (capacity + 1))
         seg = _shm.create_segment(capacity, ring + (_ring_extra & ~7), hard)
         self._adopt(seg)
@@ -184,7 +146,7 @@ class Channel:
         self._name = seg.name
         self._cap = int(seg.core.capacity())
         ring = int(seg.core.ring_size())
-        self._inline = _inline_limit(ring)
+        self._inline = inline_limit(ring)
 
     @classmethod
     def _from_segment(cls, seg: _shm.Segment) -> Channel:
@@ -250,147 +212,6 @@ class Channel:
             if again:
                 self._wake(tuple(again))
 
-    # ------------------------------------------------------------ encoding
-
-    def _encode(self, value: Any) -> tuple[int, Any, int]:
-        """Return (tag, record payload, blob slot).  Copies big payloads into
-        a payload file now, before any channel state changes."""
-        t = type(value)
-        if t in _SIMPLE:
-            data = _dumps(value, 5)
-            if len(data) <= self._inline:
-                return TAG_PICKLE, data, NOBLOB
-            return self._to_blob(TAG_PICKLE, data, [])
-        if t is memoryview:
-            value = value.cast("B") if value.c_contiguous else value.tobytes()
-        tag, data, bufs = encode(value)
-        if not bufs and len(data) <= self._inline:
-            return tag, data, NOBLOB
-        return self._to_blob(tag, data, bufs)
-
-    def _to_blob(self, tag: int, data: Any, bufs: list[Any]) -> tuple[int, bytes, int]:
-        raws = [b.raw() for b in bufs]
-        dlen = len(data) if not isinstance(data, memoryview) else data.nbytes
-        total = dlen + sum(r.nbytes for r in raws)
-        core = self._core
-        slot, gen, ssize, old = core.blob_acquire(total, True)
-        if slot == -2:
-            # a receiver is copying out of a slot that fits: reusing it in a
-            # moment is far cheaper than a fresh slot (whose pages must be
-            # allocated, zeroed and mapped on both sides)
-            end = perf_counter() + _SLOT_WAIT_S
-            while slot == -2:
-                _sleep(_SLOT_POLL_S)
-                slot, gen, ssize, old = core.blob_acquire(total, perf_counter() < end)
-        eph = b"0" * 16
-        if slot >= 0:
-            name = f"{self._name}-b{slot}-{gen}"
-            try:
-                # ssize 0: a fresh slot whose file the caller must create
-                create = max(total, 1) if ssize == 0 or ssize < total else None
-                mm = self._blob_map(slot, gen, create, old)
-            except BaseException:
-                core.blob_release(slot, True)
-                raise
-        else:
-            eph = secrets.token_hex(8).encode()
-            name = f"{self._name}-e{eph.decode()}"
-            mm = _shm.map_file(name, max(total, 1), create=True)
-        try:
-            off = dlen
-            mm[0:dlen] = data
-            for r in raws:
-                mm[off : off + r.nbytes] = r
-                off += r.nbytes
-        except BaseException:
-            self._drop_blob(slot, name, mm)
-            raise
-        finally:
-            if slot < 0:
-                mm.close()
-        desc = _DESC.pack(slot, gen, eph, dlen, len(raws)) + b"".join(
-            _LEN.pack(r.nbytes) for r in raws
-        )
-        return tag | TAG_BLOB, desc, (slot if slot >= 0 else NOBLOB)
-
-    def _blob_map(self, slot: int, gen: int, create_size: int | None, old: int) -> Any:
-        maps = self._seg.blob_maps
-        name = f"{self._name}-b{slot}-{gen}"
-        if create_size is not None:
-            if old:
-                stale = f"{self._name}-b{slot}-{old}"
-                mm_old = maps.pop(stale, None)
-                if mm_old is not None:
-                    with contextlib.suppress(BufferError):
-                        mm_old.close()
-                _shm.unlink_quietly(stale)
-            size = _slot_size(create_size)
-            mm = _shm.map_file(name, size, create=True)
-            self._core.blob_set(slot, size)
-            maps[name] = mm
-            return mm
-        cached = maps.get(name)
-        if cached is not None:
-            return cached
-        prefix = f"{self._name}-b{slot}-"  # an older generation of this slot
-        for k in [k for k in maps if k.startswith(prefix)]:
-            with contextlib.suppress(BufferError):
-                maps.pop(k).close()
-        mm = _shm.map_file(name)
-        maps[name] = mm
-        return mm
-
-    def _drop_blob(self, slot: int, name: str, mm: Any) -> None:
-        """Give back the payload slot of a message that was not sent."""
-        if slot >= 0:
-            self._core.blob_release(slot, False)
-        else:
-            with contextlib.suppress(Exception):
-                mm.close()
-            _shm.unlink_quietly(name)
-
-    def _release_unsent(self, tag: int, payload: bytes, blob: int) -> None:
-        if not tag & TAG_BLOB:
-            return
-        if blob != NOBLOB:
-            self._core.blob_release(blob, False)
-        else:
-            eph = _DESC.unpack_from(payload)[2].decode()
-            _shm.unlink_quietly(f"{self._name}-e{eph}")
-
-    def _decode(self, data: bytes, tag: int, blob: int) -> Any:
-        if not tag & TAG_BLOB:
-            if tag == TAG_PICKLE:
-                return decode(TAG_PICKLE, data)
-            return decode(tag, data)
-        tag &= ~TAG_BLOB
-        slot, gen, eph, dlen, nbufs = _DESC.unpack_from(data)
-        lens = [_LEN.unpack_from(data, _DESC.size + 8 * i)[0] for i in range(nbufs)]
-        if slot >= 0:
-            mm = self._blob_map(slot, gen, None, 0)
-        else:
-            name = f"{self._name}-e{eph.decode()}"
-            mm = _shm.map_file(name)
-            _shm.unlink_quietly(name)
-        mv = memoryview(mm)
-        try:
-            if tag == TAG_BYTES:
-                return bytes(mv[:dlen])
-            if tag == TAG_BYTEARRAY:
-                return bytearray(mv[:dlen])
-            bufs: list[Any] = []
-            off = dlen
-            for n in lens:
-                bufs.append(_copy_out(mv[off : off + n]))
-                off += n
-            return decode(TAG_PICKLE, mv[:dlen], bufs)
-        finally:
-            mv.release()
-            if slot >= 0:
-                self._core.blob_release(slot, False)
-            else:
-                mm.close()
-
     # ------------------------------------------------------------ send
 
     def send(self, value: Any, *, timeout: float | None = None, ctx: Context | None = None) -> None:
@@ -427,32 +248,46 @@ class Channel:
         self, tag: int, payload: Any, blob: int, timeout: float | None, ctx: Context | None
     ) -> None:
         core = self._core
-        w = current_waiter()
-        deadline = _effective_deadline(timeout, ctx)
         staged = False  # once staged, _await_taken owns the payload
         try:
-            while True:
-                st, ticket, wakes = core.send(payload, tag, 0, blob, 0, w.key)
+            if self._cap == 0:
+                # Stage without registering: the receiver that takes it mostly
+                # does so while _await_taken spins, and then nothing is to
+                # unregister and no Parking is made.
+                st, ticket, wakes = core.send(payload, tag, 0, blob, 0, 0)
                 if wakes:
                     self._wake(wakes)
                 if st == OK:
-                    if self._cap == 0:
-                        staged = True
-                        self._await_taken(w, ticket, deadline, timeout, ctx, tag, payload, blob)
+                    staged = True
+                    self._await_taken(None, ticket, timeout, ctx, tag, payload, blob)
                     return
                 if st == CLOSED:
                     raise ChannelClosed("send on closed channel")
-                if st == NOSPACE and not tag & TAG_BLOB:
-                    core.unregister(w.key)
-                    tag, payload, blob = self._to_blob(tag, payload, [])
-                    continue
-                try:
-                    _park(w, (core,), deadline, timeout, ctx, W_SEND)
-                except BaseException:
-                    core.unregister(w.key)
-                    self._pass_on(W_SEND)
-                    raise
-                core.unregister(w.key)
+                # NOSPACE: the ring is full of staged records; wait below
+            with Parking(timeout, ctx) as p:
+                while True:
+                    p.track(core)
+                    st, ticket, wakes = core.send(payload, tag, 0, blob, 0, p.key)
+                    if wakes:
+                        self._wake(wakes)
+                    if st == OK:
+                        if self._cap == 0:
+                            staged = True  # and registered for its ticket
+                            self._await_taken(p, ticket, timeout, ctx, tag, payload, blob)
+                        return
+                    if st == CLOSED:
+                        raise ChannelClosed("send on closed channel")
+                    if st == NOSPACE and not tag & TAG_BLOB:
+                        p.release()
+                        tag, payload, blob = self._to_blob(tag, payload, [])
+                        continue
+                    try:
+                        p.wait()
+                    except BaseException:
+                        p.release()
+                        self._pass_on(W_SEND)
+                        raise
+                    p.release()
         except BaseException:
             if not staged:
                 self._release_unsent(tag, payload, blob)
@@ -460,16 +295,18 @@ class Channel:
 
     def _await_taken(
         self,
-        w: Waiter,
+        p: Parking | None,
         ticket: int,
-        deadline: float | None,
         timeout: float | None,
         ctx: Context | None,
         tag: int,
         payload: Any,
         blob: int,
     ) -> None:
-        """Unbuffered: wait until the staged record was taken, else withdraw it."""
+        """Unbuffered: wait until the staged record was taken, else withdraw it.
+        ``p``: the caller's parking, already registered for this ticket by
+        the send that staged it (it unregisters when the caller's block
+        ends); None: not registered -- spin, then register, re-check, park."""
         core = self._core
         try:
             if _spin_allowed():
@@ -480,11 +317,12 @@ class Channel:
                         return
                     _yield()
                 _spin_result(False)
-            # registered for this ticket by the send that staged it
-            while not core.consumed(ticket):
-                if core.is_closed():
-                    raise ChannelClosed("send on closed channel")
-                _park(w, (core,), deadline, timeout, ctx, W_SEND)
+            if p is not None:
+                self._park_until_taken(p, ticket)
+            else:
+                with Parking(timeout, ctx) as q:
+                    q.add(core, W_SEND, 0, ticket)
+                    self._park_until_taken(q, ticket)
         except BaseException as exc:
             # no exception chaining here: a cycle through the traceback
             # would keep this channel (and its segment) alive until a GC
@@ -494,8 +332,13 @@ class Channel:
             if not consumed:
                 self._release_unsent(tag, payload, blob)
             raise
-        finally:
-            core.unregister(w.key)
+
+    def _park_until_taken(self, p: Parking, ticket: int) -> None:
+        core = self._core
+        while not core.consumed(ticket):  # the re-check after registering
+            if core.is_closed():
+                raise ChannelClosed("send on closed channel")
+            p.wait()
 
     def send_nowait(self, value: Any) -> None:
         """Send without waiting, or raise WouldBlock (buffer full, or -- when
@@ -539,7 +382,7 @@ class Channel:
                 self.send(v, timeout=timeout, ctx=ctx)
             return
         encoded = [self._encode(v) for v in items]
-        deadline = _effective_deadline(timeout, ctx)
+        deadline = deadline_for(timeout, ctx)
         core = self._core
         i = 0
         n = len(encoded)
@@ -586,16 +429,12 @@ class Channel:
         self, deadline: float | None, timeout: float | None, ctx: Context | None, nospace: bool
     ) -> None:
         core = self._core
-        w = current_waiter()
-        core.register(w.key, W_SEND, 0, 0)
-        try:
+        with Parking(timeout, ctx, deadline=deadline) as p:
+            p.add(core, W_SEND)
             # NOSPACE (a record larger than the free ring bytes): wait for a
             # receive even though the message count is below capacity
-            if not nospace and core.length() < self._cap:
-                return
-            _park(w, (core,), deadline, timeout, ctx, W_SEND)
-        finally:
-            core.unregister(w.key)
+            if nospace or core.length() >= self._cap:
+                p.wait()
 
     # ------------------------------------------------------------ recv
 
@@ -637,19 +476,23 @@ class Channel:
                 st, data, tag, blob, wakes = recv(0, 0, 0)
             _spin_result(st != EMPTY)
         if st == EMPTY:
-            w = current_waiter()
-            deadline = _effective_deadline(timeout, ctx)
-            while True:
-                st, data, tag, blob, wakes = recv(0, 0, w.key)
-                if st != EMPTY:
-                    break
-                try:
-                    _park(w, (core,), deadline, timeout, ctx, W_RECV)
-                except BaseException:
-                    core.unregister(w.key)
-                    self._pass_on(W_RECV)
-                    raise
-                core.unregister(w.key)
+            with Parking(timeout, ctx) as p:
+                while True:
+                    p.track(core)
+                    st, data, tag, blob, wakes = recv(0, 0, p.key)
+                    if st != EMPTY:
+                        break
+                    if wakes:
+                        # registering as a receiver: selects waiting to send
+                        # on this unbuffered channel may proceed now
+                        self._wake(wakes)
+                    try:
+                        p.wait()
+                    except BaseException:
+                        p.release()
+                        self._pass_on(W_RECV)
+                        raise
+                    p.release()
         if st == OK:
             if wakes:
                 self._wake(wakes)
@@ -729,28 +572,12 @@ class Channel:
         Blocks: up to ``timeout``. Process safety: any thread.
         """
         core = self._core
-        w = current_waiter()
-        wakes = core.register(w.key, W_RECV | (W_SELECT if every else 0), 0, 0)
-        try:
+        with Parking() as p:
+            wakes = p.add(core, W_RECV | (W_SELECT if every else 0))
             if wakes:
                 self._wake(wakes)
             if core.length() == 0 and not core.is_closed():
-                w.wait(timeout)
-        finally:
-            core.unregister(w.key)
-
-    def _decode_all(self, items: list[tuple[bytes, int, int]]) -> list[Any]:
-        out: list[Any] = []
-        error: BaseException | None = None
-        for data, tag, blob in items:
-            try:
-                out.append(self._decode(data, tag, blob))
-            except SerializationError as exc:
-                if error is None:
-                    error = exc
-        if error is not None:
-            raise error
-        return out
+                p.wait(timeout)
 
     def __iter__(self) -> Iterator[Any]:
         """Receive until the channel is closed and drained.
@@ -763,74 +590,17 @@ class Channel:
             except EndOfChannel:
                 return
 
-    # ------------------------------------------------------------ select support
+    # ------------------------------------------------------------ select protocol
+    # Internal: what mpchan._select does with a channel case.  Not public API;
+    # the names lack the underscore only because another module calls them.
+    # Each is one of the channel's own steps (the same function object).
 
-    def _select_core(self) -> Any:
+    def sel_core(self) -> Any:
+        """The segment (C core) a select registers on and tries.  Never blocks."""
         return self._core
 
-
-def _copy_out(src: memoryview) -> Any:
-    """A private, writable copy of an out-of-band buffer (the one copy on the
-    receiving side).  Big ones go into a numpy array when numpy is loaded
-    (the value being rebuilt is then almost surely an array): numpy asks for
-    transparent huge pages for big allocations, which makes the first touch
-    of fresh memory several times cheaper than a bytearray's 4 KiB pages."""
-    np = sys.modules.get("numpy")
-    if np is not None and src.nbytes >= _NUMPY_COPY_MIN:
-        try:
-            out = np.empty(src.nbytes, dtype=np.uint8)
-            np.copyto(out, np.frombuffer(src, dtype=np.uint8))
-            return out
-        except Exception:  # an unusual numpy: the plain copy below
-            pass
-    return bytearray(src)
-
-
-def _effective_deadline(timeout: float | None, ctx: Context | None) -> float | None:
-    deadline = deadline_after(timeout)
-    if ctx is not None:
-        cd = ctx._monotonic_deadline()
-        if cd is not None and (deadline is None or cd < deadline):
-            deadline = cd
-    return deadline
-
-
-def _park(
-    w: Waiter,
-    cores: tuple[Any, ...],
-    deadline: float | None,
-    timeout: float | None,
-    ctx: Context | None,
-    kind: int,
-) -> None:
-    """Wait once (the caller is registered on ``cores``); raise on timeout or
-    cancellation.  The caller re-checks the channel after it returns."""
-    ctx_cores: tuple[Any, ...] = ()
-    if ctx is not None:
-        ctx_cores = ctx._wait_cores()
-        for c in ctx_cores:
-            c.register(w.key, W_RECV, 0, 0)
-    try:
-        if ctx is not None:
-            ctx.check()
-        left = remaining(deadline)
-        if left is not None and left <= 0:
-            _raise_timeout(timeout, ctx)
-        w.wait(_SLICE if left is None else min(left, _SLICE))
-    finally:
-        for c in ctx_cores:
-            c.unregister(w.key)
-    if ctx is not None:
-        ctx.check()
-    left = remaining(deadline)
-    if left is not None and left <= 0:
-        _raise_timeout(timeout, ctx)
-
-
-def _raise_timeout(timeout: float | None, ctx: Context | None) -> None:
-    if ctx is not None:
-        ctx.check()  # a passed context deadline raises DeadlineExceeded
-    raise TimeoutError(f"timed out after {timeout} s")
+    sel_wake = _wake  # deliver wake keys a core call returned
+    # and, from PayloadCodec: sel_encode, sel_to_blob, sel_decode, sel_release
 
 
 # ---------------------------------------------------------------- handles

@@ -33,6 +33,12 @@ Ownership:
     - ``cancel`` (picklable) is the only writer of its node; any process may
       call it.  Segments are freed like channels: when no live process holds
       a handle.
+    - a blocking call under a context registers its waiter on every node of
+      the chain (``wait_cores``) through its ``Parking``, which removes them
+      when the call ends; ``cancel`` wakes every key registered on the node.
+
+Lock order: none nests -- a node's segment mutex is taken inside single core
+calls (cancel: send, then close), never while another is held.
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ from collections.abc import Hashable
 from typing import Any
 
 from . import _core, _shm
-from ._clock import monotonic_to_unix, remaining, unix_to_monotonic
+from ._clock import deadline_after, monotonic_to_unix, remaining, unix_to_monotonic
 from ._codec import dumps, note_transit
 from ._errors import Cancelled, DeadlineExceeded
-from ._wake import current_waiter, wake
+from ._park import SLICE, Parking
+from ._wake import wake
 
 __all__ = [
     "CancelFunc",
@@ -58,7 +65,6 @@ __all__ = [
     "with_value",
 ]
 
-_SLICE = 0.25
 _NODE_RING = 4096
 # Invariant: a cause record fits in the ring many times over, so the first
 # cancel's record is always staged whatever later cancels try to add.
@@ -167,12 +173,17 @@ class Context:
     def __reduce__(self) -> tuple[Any, ...]:
         return (Context, (self._chain, self._deadline, self._values, self._own))
 
-    # -- internal protocol used by blocking calls ---------------------------
+    # -- internal protocol of blocking calls (mpchan._park.CancelScope) -----
+    # Not public API; no underscore only because other modules call them.
 
-    def _wait_cores(self) -> tuple[Any, ...]:
+    def wait_cores(self) -> tuple[Any, ...]:
+        """The segments whose close wakes a waiter of this context (one per
+        cancellable node of the chain).  Never blocks."""
         return tuple(n.core for n in self._chain)
 
-    def _monotonic_deadline(self) -> float | None:
+    def monotonic_deadline(self) -> float | None:
+        """The chain's earliest deadline on the monotonic clock, or None.
+        Never blocks."""
         return self._deadline
 
     # -- public -------------------------------------------------------------
@@ -263,39 +274,35 @@ class Context:
         Blocks: up to ``timeout`` seconds (None: until done), using no CPU.
         Cancellation: returning is the point.  Process safety: any thread.
         """
-        from ._clock import deadline_after
-
+        if self.err() is not None:
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
         end = deadline_after(timeout)
-        w = current_waiter()
-        cores = self._wait_cores()
-        while True:
-            if self.err() is not None:
-                return True
-            left = remaining(end)
-            if left is not None and left <= 0:
-                return False
-            for c in cores:
-                c.register(w.key, _core.W_RECV, 0, 0)
-            try:
-                if self.err() is not None:
-                    return True
-                waits = [_SLICE]
-                if left is not None:
-                    waits.append(left)
-                dl = remaining(self._deadline)
-                if dl is not None:
-                    waits.append(dl)
-                w.wait(min(waits))
-            finally:
-                for c in cores:
-                    c.unregister(w.key)
+        with Parking() as p:
+            for c in self.wait_cores():
+                p.add(c, _core.W_RECV)
+            while self.err() is None:
+                left = remaining(end)
+                if left is not None and left <= 0:
+                    return False
+                p.wait(_nearest(SLICE, left, remaining(self._deadline)))
+            return True
 
     async def adone(self) -> None:
-        """Await until the context is done, without blocking the event loop."""
-        import asyncio
+        """Await until the context is done, without blocking the event loop.
 
-        while not self.wait(0):
-            await asyncio.sleep(0.005)
+        Blocks: the awaiting task only (the loop waits on this wait's own
+        descriptor: no polling).  Cancellation: cancelling the task stops
+        the wait.  Process safety: any task of any loop.
+        """
+        if self.err() is not None:
+            return
+        with Parking(dedicated=True) as p:
+            for c in self.wait_cores():
+                p.add(c, _core.W_RECV)
+            while self.err() is None:
+                await p.wait_async(_nearest(SLICE, None, remaining(self._deadline)))
 
     def __enter__(self) -> Context:
         return self
@@ -321,15 +328,24 @@ class DoneCase:
         self._ctx = ctx
         self._drain = drain
 
-    def _sel_poll(self) -> tuple[bool, Any, bool]:
+    # -- select case protocol (see mpchan._select); internal ----------------
+
+    def sel_poll(self) -> tuple[bool, Any, bool]:
+        """(ready, None, False); consumes nothing.  Never blocks."""
         if self._drain:
             return (self._ctx.draining or self._ctx.err() is not None, None, False)
         return (self._ctx.err() is not None, None, False)
 
-    def _sel_cores(self) -> tuple[Any, ...]:
-        return self._ctx._wait_cores()
+    def sel_peek(self) -> bool:
+        """Ready now.  Never blocks."""
+        return self.sel_poll()[0]
 
-    def _sel_deadline(self) -> float | None:
+    def sel_cores(self) -> tuple[Any, ...]:
+        """The segments whose wake-ups concern this case.  Never blocks."""
+        return self._ctx.wait_cores()
+
+    def sel_deadline(self) -> float | None:
+        """When it becomes ready by itself (monotonic), or None.  Never blocks."""
         return self._ctx._deadline
 
     def recv(self, *, timeout: float | None = None) -> None:
@@ -337,28 +353,27 @@ class DoneCase:
 
         Blocks: up to ``timeout``; TimeoutError after it.  Process safety: any thread.
         """
-        if self._drain:
-            from ._clock import deadline_after
-
-            end = deadline_after(timeout)
-            w = current_waiter()
-            while not self._sel_poll()[0]:
-                left = remaining(end)
-                if left is not None and left <= 0:
-                    raise TimeoutError("timed out")
-                cores = self._sel_cores()
-                for c in cores:
-                    c.register(w.key, _core.W_RECV, 0, 0)
-                try:
-                    if not self._sel_poll()[0]:
-                        w.wait(_SLICE if left is None else min(_SLICE, left))
-                finally:
-                    for c in cores:
-                        c.unregister(w.key)
+        if not self._drain:
+            if not self._ctx.wait(timeout):
+                raise TimeoutError("timed out")
             return None
-        if not self._ctx.wait(timeout):
-            raise TimeoutError("timed out")
+        if self.sel_peek():
+            return None
+        with Parking(timeout) as p:
+            for c in self.sel_cores():
+                p.add(c, _core.W_RECV)
+            while not self.sel_peek():
+                p.wait()
         return None
+
+
+def _nearest(*waits: float | None) -> float | None:
+    """The shortest of the waits that are not None (None if all are)."""
+    out: float | None = None
+    for w in waits:
+        if w is not None and (out is None or w < out):
+            out = w
+    return out
 
 
 class CancelFunc:

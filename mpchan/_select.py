@@ -2,21 +2,45 @@
 
     index, value, ok = select(ch, (ch2, v), ctx.done(), after(1.0), timeout=None, default=False)
 
-Algorithm (one call):
+Algorithm (one call)::
 
-    1. try every case once, in a fresh random order; the first that can
-       proceed fires -- so among ready cases each is chosen uniformly.
-    2. ``default``: nothing ready -> (-1, None, False).
-    3. register this thread's waiter on every channel (and context) of the
-       cases; an unbuffered send case *stages* its value tagged with this
-       select's token; then park until woken, a timer or the timeout.
-    4. on waking: first withdraw every staged value.  A withdraw that finds
-       its value already taken means that send case fired -- it wins and
-       nothing else is attempted.  Otherwise go back to 1.
-    5. whatever happens, every registration is removed before returning.
+    try every case once, in a fresh random order --- one fires --> return it
+      | none ready                                   (each ready case equally
+      v                                               likely to be chosen)
+    default? --> (-1, None, False)
+      |
+      v
+    Parking p (made once, on the first park):
+      register p.key on every channel of the cases (W_SELECT: woken by
+      every change, not one-of-many) and on each context's cores; stage at
+      most one unbuffered send, tagged with this select's token
+      re-check readiness (a change before the registration is seen here)
+      p.wait(nearest of: timeout, a timer case, SLICE)
+      p.release(); withdraw the staged value -- found taken: that send
+      fired, return it and nothing else --> else back to the top
 
-Receives skip records staged under the select's own token, so a select
-that sends and receives on one unbuffered channel never pairs with itself.
+Invariants:
+    - whatever happens (a case fires, timeout, cancel, an exception), no
+      registration and no staged value outlives the call (``Parking``'s
+      ``with`` block, then ``retract``).
+    - at most one value is staged at a time, so at most one send fires.
+    - receives skip records staged under the select's own token, so a
+      select that sends and receives on one unbuffered channel never pairs
+      with itself.
+
+Ownership:
+    - a send case's encoded value (and its payload slot) belongs to the
+      select until the case fires; after that to the receiver.  ``select``
+      releases what did not fire.
+
+Lock order: one segment mutex at a time, inside single core calls; none is
+held while parked.
+
+Case protocol: a channel (``Channel.sel_*``), or any object with
+``sel_poll()`` (try to fire: ``(fired, value, ok)``), ``sel_peek()`` (ready
+now, consuming nothing), ``sel_cores()`` (segments whose wake-ups concern
+it) and ``sel_deadline()`` (monotonic time it becomes ready, or None) --
+timers and ``ctx.done()``.
 """
 
 from __future__ import annotations
@@ -26,27 +50,27 @@ from typing import TYPE_CHECKING, Any
 
 from . import _core
 from ._channel import (
-    _SLICE,
     CLOSED,
     NOBLOB,
     OK,
     OP_NEED_RECEIVER,
     OP_SELECT,
-    TAG_BLOB,
     Channel,
 )
+from ._channel_payload import TAG_BLOB
 from ._clock import deadline_after, remaining
 from ._errors import ChannelClosed
+from ._park import SLICE, Parking
 from ._wake import current_waiter
 
 if TYPE_CHECKING:
     from ._context import Context
 
-__all__ = ["select"]
+__all__ = ["W_RECV_SEL", "W_SEND_SEL", "select"]
 
 _RECV, _SEND, _OTHER = 0, 1, 2
-_W_RECV_SEL = _core.W_RECV | _core.W_SELECT
-_W_SEND_SEL = _core.W_SEND | _core.W_SELECT
+W_RECV_SEL = _core.W_RECV | _core.W_SELECT  # a select's registration to receive
+W_SEND_SEL = _core.W_SEND | _core.W_SELECT  # ... and to send
 
 
 class _Case:
@@ -56,7 +80,7 @@ class _Case:
         self.kind = kind
         self.obj = obj
         self.ch: Channel | None = obj if isinstance(obj, Channel) else None
-        self.core: Any = obj._core if self.ch is not None else None
+        self.core: Any = obj.sel_core() if self.ch is not None else None
         self.tag = 0
         self.payload: Any = None
         self.blob = NOBLOB
@@ -72,9 +96,9 @@ def _parse(cases: tuple[Any, ...]) -> list[_Case]:
             if len(c) != 2 or not isinstance(c[0], Channel):
                 raise TypeError("a send case is a (Channel, value) pair")
             case = _Case(_SEND, c[0])
-            case.tag, case.payload, case.blob = c[0]._encode(c[1])
+            case.tag, case.payload, case.blob = c[0].sel_encode(c[1])
             out.append(case)
-        elif hasattr(c, "_sel_poll"):
+        elif hasattr(c, "sel_poll"):
             out.append(_Case(_OTHER, c))
         else:
             raise TypeError(f"not a select case: {c!r}")
@@ -121,7 +145,7 @@ def select(
         for c in parsed:
             if c.kind == _SEND and c.ticket != -1 and c.ch is not None:
                 # a prepared out-of-band payload of a case that did not fire
-                c.ch._release_unsent(c.tag, c.payload, c.blob)
+                c.ch.sel_release(c.tag, c.payload, c.blob)
 
 
 def _try(case: _Case, token: int) -> tuple[bool, Any, bool]:
@@ -130,9 +154,9 @@ def _try(case: _Case, token: int) -> tuple[bool, Any, bool]:
         assert case.ch is not None
         st, data, tag, blob, wakes = case.core.recv(token, OP_SELECT, 0)
         if wakes:
-            case.ch._wake(wakes)
+            case.ch.sel_wake(wakes)
         if st == OK:
-            return True, case.ch._decode(data, tag, blob), True
+            return True, case.ch.sel_decode(data, tag, blob), True
         if st == CLOSED:
             return True, None, False
         return False, None, False
@@ -142,46 +166,52 @@ def _try(case: _Case, token: int) -> tuple[bool, Any, bool]:
         st, _t, wakes = case.core.send(case.payload, case.tag, token, case.blob, op, 0)
         if st == _core.NOSPACE and not case.tag & TAG_BLOB:
             # capacity left but not ring bytes: send out of band (as Channel.send)
-            case.tag, case.payload, case.blob = case.ch._to_blob(case.tag, case.payload, [])
+            case.tag, case.payload, case.blob = case.ch.sel_to_blob(case.tag, case.payload, [])
             st, _t, wakes = case.core.send(case.payload, case.tag, token, case.blob, op, 0)
         if wakes:
-            case.ch._wake(wakes)
+            case.ch.sel_wake(wakes)
         if st == OK:
             case.ticket = -1  # sent: its payload now belongs to the receiver
             return True, None, True
         if st == CLOSED:
             raise ChannelClosed("send on closed channel")
         return False, None, False
-    return case.obj._sel_poll()  # type: ignore[no-any-return]
+    return case.obj.sel_poll()  # type: ignore[no-any-return]
 
 
 def _select(parsed: list[_Case], timeout: float | None, default: bool) -> tuple[int, Any, bool]:
-    w = current_waiter()
-    token = w.key
+    token = current_waiter().key  # the Parking below uses the same waiter
     deadline = deadline_after(timeout)
     order = list(range(len(parsed)))
-    while True:
-        random.shuffle(order)
-        for i in order:
-            fired, value, ok = _try(parsed[i], token)
-            if fired:
-                return i, value, ok
-        if default:
-            return -1, None, False
-        left = remaining(deadline)
-        if left is not None and left <= 0:
-            raise TimeoutError(f"select timed out after {timeout} s")
-        fired_case = _park(parsed, w.key, token, deadline)
-        if fired_case is not None:
-            return fired_case, None, True
+    p: Parking | None = None  # made on the first park: a ready select never needs one
+    try:
+        while True:
+            random.shuffle(order)
+            for i in order:
+                fired, value, ok = _try(parsed[i], token)
+                if fired:
+                    return i, value, ok
+            if default:
+                return -1, None, False
+            left = remaining(deadline)
+            if left is not None and left <= 0:
+                raise TimeoutError(f"select timed out after {timeout} s")
+            if p is None:
+                p = Parking()
+            fired_case = _park(p, parsed, token, deadline)
+            if fired_case is not None:
+                return fired_case, None, True
+    finally:
+        if p is not None:
+            p.close()
 
 
-def _park(parsed: list[_Case], key: int, token: int, deadline: float | None) -> int | None:
-    """Register everywhere, stage unbuffered sends, wait once, then undo it
-    all.  Returns the index of a staged send that was taken meanwhile."""
-    registered: list[Any] = []
+def _park(p: Parking, parsed: list[_Case], token: int, deadline: float | None) -> int | None:
+    """Register everywhere, stage one unbuffered send, re-check, wait once,
+    then undo it all.  Returns the index of a staged send that was taken
+    meanwhile."""
     staged: list[int] = []
-    waits: list[float] = [_SLICE]
+    waits: list[float] = [SLICE]
     # At most one unbuffered send is staged per park (two staged values could
     # both be taken); the others wait to be told that a receiver arrived.
     unbuffered = [
@@ -190,39 +220,35 @@ def _park(parsed: list[_Case], key: int, token: int, deadline: float | None) -> 
         if c.kind == _SEND and c.ch is not None and c.ch.capacity == 0
     ]
     stage_at = random.choice(unbuffered) if unbuffered else -1
+    key = p.key
     try:
         ready = False
         for i, c in enumerate(parsed):
             if c.kind == _RECV:
-                wakes = c.core.register(key, _W_RECV_SEL, token, 0)
-                registered.append(c.core)
+                assert c.ch is not None
+                wakes = p.add(c.core, W_RECV_SEL, token)
                 if wakes:
-                    c.ch._wake(wakes)  # type: ignore[union-attr]
+                    c.ch.sel_wake(wakes)
             elif c.kind == _SEND:
                 assert c.ch is not None
-                if c.ch.capacity == 0 and i != stage_at:
-                    c.core.register(key, _W_SEND_SEL, token, 0)
-                    registered.append(c.core)
-                elif c.ch.capacity == 0:
+                if i == stage_at:
+                    p.track(c.core)
                     st, ticket, wakes = c.core.send(c.payload, c.tag, token, c.blob, OP_SELECT, key)
-                    registered.append(c.core)
                     if wakes:
-                        c.ch._wake(wakes)
+                        c.ch.sel_wake(wakes)
                     if st == OK:
                         c.ticket = ticket
                         staged.append(i)
                     elif st == CLOSED:
                         ready = True
                 else:
-                    c.core.register(key, _W_SEND_SEL, token, 0)
-                    registered.append(c.core)
+                    p.add(c.core, W_SEND_SEL, token)
             else:
-                for core in c.obj._sel_cores():
-                    core.register(key, _core.W_RECV, 0, 0)
-                    registered.append(core)
-                d = c.obj._sel_deadline()
+                for core in c.obj.sel_cores():
+                    p.add(core, _core.W_RECV)
+                d = c.obj.sel_deadline()
                 if d is not None:
-                    waits.append(max(0.0, remaining(d) or 0.0))
+                    waits.append(remaining(d) or 0.0)
         # re-check after registering: a change before it would be lost otherwise
         if not ready:
             for c in parsed:
@@ -231,17 +257,16 @@ def _park(parsed: list[_Case], key: int, token: int, deadline: float | None) -> 
                 elif c.kind == _SEND and c.ch is not None and c.ch.capacity:
                     ready = bool(c.core.ready(_core.W_SEND, token))
                 elif c.kind == _OTHER:
-                    ready = _peek_other(c.obj)
+                    ready = bool(c.obj.sel_peek())
                 if ready:
                     break
         if not ready:
             left = remaining(deadline)
             if left is not None:
                 waits.append(left)
-            current_waiter().wait(min(waits))
+            p.wait(min(waits))
     finally:
-        for core in registered:
-            core.unregister(key)
+        p.release()
         taken: int | None = None
         for i in staged:
             c = parsed[i]
@@ -253,20 +278,3 @@ def _park(parsed: list[_Case], key: int, token: int, deadline: float | None) -> 
                 c.ticket = 0
         staged.clear()
     return taken
-
-
-def _peek_other(obj: Any) -> bool:
-    d = obj._sel_deadline()
-    if d is not None and (remaining(d) or 0.0) <= 0:
-        return True
-    if obj._sel_cores():
-        ready, _v, _ok = _ready_without_consuming(obj)
-        return ready
-    return False
-
-
-def _ready_without_consuming(obj: Any) -> tuple[bool, Any, bool]:
-    # context cases do not consume anything when polled
-    if hasattr(obj, "_ctx"):
-        return obj._sel_poll()  # type: ignore[no-any-return]
-    return (False, None, False)

@@ -2,17 +2,33 @@
 
 The counter lives in a small shared segment (the same kind a channel uses),
 changed under its robust lock; ``wait`` parks like a channel receive and is
-woken by the ``done`` that brings the counter to zero.
+woken by the ``done`` that brings the counter to zero::
+
+    add(n)/done() --- counter_add: counter += n --- reaches 0 --> wake every
+                      (segment mutex)                            registered key
+    wait() ---------- counter_wait(p.key): 0 -> return; else register p.key
+                      (same locked step) -> Parking.wait -> release -> again
+
+Invariants:
+    - the counter never goes below zero (an add that would is refused and
+      changes nothing).
+    - a waiter registers in the locked step that read a non-zero counter,
+      so the ``done`` that reaches zero always finds it.
+
+Ownership: any holder writes the counter under the segment mutex; the
+segment is freed like a channel's, when no live process holds a handle.
+
+Lock order: only the segment mutex, inside single core calls.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import _core, _shm
-from ._channel import _effective_deadline, _park
+from . import _shm
 from ._codec import note_transit
-from ._wake import current_waiter, wake
+from ._park import Parking
+from ._wake import wake
 
 if TYPE_CHECKING:
     from ._context import Context
@@ -80,14 +96,10 @@ class WaitGroup:
         core = self._core
         if core.counter_wait(0) == 0:
             return
-        w = current_waiter()
-        deadline = _effective_deadline(timeout, ctx)
-        while True:
-            value = core.counter_wait(w.key)  # registers while not zero
-            if value == 0:
-                core.unregister(w.key)
-                return
-            try:
-                _park(w, (core,), deadline, timeout, ctx, _core.W_RECV)
-            finally:
-                core.unregister(w.key)
+        with Parking(timeout, ctx) as p:
+            while True:
+                p.track(core)
+                if core.counter_wait(p.key) == 0:  # registers while not zero
+                    return
+                p.wait()
+                p.release()

@@ -2,8 +2,23 @@
 
 A timer is a receive-only, channel-like object local to the process that
 made it.  It needs no thread and no shared memory: it is a point on the
-monotonic clock, and waiting for it (alone or in a select) is a timed park.
+monotonic clock, and waiting for it (alone or in a select) is a timed park::
+
+    Timer._next (monotonic) --- recv: Parking(timeout).wait(until _next)
+                            `-- select: sel_deadline() bounds the select's park
+
 The value received is the unix time at which it fired.
+
+Invariants:
+    - ``_next`` only grows; a tick skips the ticks a slow receiver missed
+      (the next one is always in the future after it fired).
+    - an ``after`` fires once (``_fired``); later it is never ready again.
+
+Ownership: the fields belong to the process that made the timer (it is not
+shared); any of its threads may poll it -- the read-then-write of ``_next``
+is not locked, so two threads racing on one tick may both fire it.
+
+Lock order: no lock.
 """
 
 from __future__ import annotations
@@ -12,9 +27,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ._clock import deadline_after, monotonic_to_unix, remaining
+from ._clock import monotonic_to_unix, remaining
 from ._errors import WouldBlock
-from ._wake import current_waiter
+from ._park import Parking
 
 __all__ = ["Timer", "after", "tick"]
 
@@ -36,7 +51,11 @@ class Timer:
         self._period = period
         self._fired = False
 
-    def _sel_poll(self) -> tuple[bool, Any, bool]:
+    # -- select case protocol (see mpchan._select); internal ----------------
+
+    def sel_poll(self) -> tuple[bool, Any, bool]:
+        """Fire if due: (True, fire time, True), else (False, None, False).
+        Never blocks."""
         if self._fired and self._period is None:
             return (False, None, False)
         now = time.monotonic()
@@ -51,10 +70,17 @@ class Timer:
             self._next += missed * self._period
         return (True, fired_at, True)
 
-    def _sel_cores(self) -> tuple[Any, ...]:
+    def sel_peek(self) -> bool:
+        """Due now (consumes nothing).  Never blocks."""
+        d = self.sel_deadline()
+        return d is not None and time.monotonic() >= d
+
+    def sel_cores(self) -> tuple[Any, ...]:
+        """None: nothing but the clock makes a timer ready.  Never blocks."""
         return ()
 
-    def _sel_deadline(self) -> float | None:
+    def sel_deadline(self) -> float | None:
+        """When it is next due (monotonic), or None.  Never blocks."""
         if self._fired and self._period is None:
             return None
         return self._next
@@ -66,20 +92,18 @@ class Timer:
         forever, like Go's channel); TimeoutError after ``timeout``.
         Process safety: any thread of the owning process.
         """
-        end = deadline_after(timeout)
-        w = current_waiter()
-        while True:
-            ready, value, _ok = self._sel_poll()
-            if ready:
-                return float(value)
-            waits = [t for t in (remaining(end), remaining(self._sel_deadline())) if t is not None]
-            if end is not None and remaining(end) == 0:
-                raise TimeoutError(f"timed out after {timeout} s")
-            w.wait(min(waits) if waits else None)
+        ready, value, _ok = self.sel_poll()
+        if ready:
+            return float(value)
+        with Parking(timeout) as p:  # no registrations: a timed park
+            while not ready:
+                p.wait(remaining(self.sel_deadline()))  # raises once timed out
+                ready, value, _ok = self.sel_poll()
+        return float(value)
 
     def recv_nowait(self) -> float:
         """The fire time if the timer is due, else WouldBlock.  Never blocks."""
-        ready, value, _ok = self._sel_poll()
+        ready, value, _ok = self.sel_poll()
         if not ready:
             raise WouldBlock("timer not due")
         return float(value)

@@ -5,8 +5,14 @@ datagram socket bound to an address derived from a random 63-bit key
 (Linux: the abstract namespace, so no file exists and nothing is left
 behind; elsewhere a socket file in a private temp directory). To park, a
 thread registers its key in the shared waiter table of every channel it
-waits on, re-checks, then polls its socket. To wake it, any process sends
-one byte to that address with ``MSG_DONTWAIT``.
+waits on, re-checks, then polls its socket -- the steps that
+:class:`mpchan._park.Parking` owns, for every blocking call of the
+channel layers.  To wake it, any process sends one byte to that address
+with ``MSG_DONTWAIT``::
+
+    thread T (Waiter: key, socket)           any thread of any process
+    Parking: register key ---> segment <--- state change reads the table
+             poll(socket)  <--- datagram --- wake(keys)  (never blocks)
 
 Why a socket:
     - the waker never blocks: a full socket buffer means a wake-up is
@@ -14,8 +20,21 @@ Why a socket:
     - one thread can wait on many channels (select) with one descriptor;
     - the descriptor is pollable, so an asyncio loop can wait on it too.
 
-A wake-up is only a hint: a woken thread always re-checks the state under
-the channel lock, so spurious or stale wake-ups are harmless.
+Invariants:
+    - a key names one socket for its life; keys are random and odd, so 0
+      (no waiter) is never one.
+    - a wake-up is only a hint: a woken thread always re-checks the state
+      under the channel lock, so spurious or stale wake-ups are harmless.
+
+Ownership:
+    - a Waiter belongs to the thread that made it (``current_waiter``:
+      one per thread, made on first use; or a Parking's dedicated one);
+      only that thread polls or drains it, and it closes its socket.
+    - the sending socket is shared by all threads of a process; a forked
+      child makes its own.
+
+Lock order: ``_out_lock`` only guards making the sending socket; it is
+never held while sending or with any other lock.
 """
 
 from __future__ import annotations

@@ -322,6 +322,41 @@ def test_wait_returns_false_on_timeout_then_true() -> None:
     t.join()
 
 
+def test_adone_is_woken_by_a_cancel_and_leaves_no_registration() -> None:
+    import asyncio
+
+    ctx, cancel = mpchan.with_cancel(bg())
+    node = ctx.wait_cores()[0]
+
+    async def main() -> float:
+        waiting = asyncio.ensure_future(ctx.adone())
+        while not node.waiters():  # the task registered and awaits its descriptor
+            await asyncio.sleep(0.001)
+        t = threading.Timer(0.05, cancel)
+        t0 = time.monotonic()
+        t.start()
+        await asyncio.wait_for(waiting, 5)
+        t.join()
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 0.2  # woken (a slice is 0.25 s), not polled
+    assert node.waiters() == []
+    # a cancelled task removes its registration too
+    other, cancel_other = mpchan.with_cancel(bg())
+
+    async def abandon() -> None:
+        task = asyncio.ensure_future(other.adone())
+        while not other.wait_cores()[0].waiters():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(abandon())
+    assert other.wait_cores()[0].waiters() == []
+    cancel_other()
+
+
 def test_blocked_recv_wakes_with_cancelled_and_consumes_nothing() -> None:
     ch = mpchan.Channel(1)
     ctx, cancel = mpchan.with_cancel(bg())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -242,3 +243,35 @@ def test_select_big_send_case_that_loses_releases_payload() -> None:
         else:
             b.send("ready")
     assert no_registrations(a, b)
+
+
+def _select_into(out: list[Any], *cases: Any) -> None:
+    out.append(select(*cases, timeout=10))
+
+
+def test_a_blocking_receiver_wakes_a_select_waiting_to_send() -> None:
+    """A select with two unbuffered send cases stages one value and waits to
+    be told that a receiver came for the other; a plain blocking recv on
+    that one tells it at once (not after the select's safety slice)."""
+    latencies = []
+    for _ in range(3):
+        u1, u2 = Channel(0), Channel(0)
+        out: list[Any] = []
+        t = threading.Thread(target=_select_into, args=(out, (u1, 1), (u2, 2)))
+        t.start()
+        wait_for(
+            lambda a=u1, b=u2: all(ch.stats()["blocked_senders"] == 1 for ch in (a, b)),
+            what="a select registered on both channels",
+        )
+        # the staged case's registration carries its ticket (key, kind, token, ticket, ...)
+        staged, other = (u1, u2) if u1._core.waiters()[0][3] else (u2, u1)
+        assert other._core.waiters()[0][3] == 0
+        start = time.monotonic()
+        value = other.recv(timeout=10)
+        latencies.append(time.monotonic() - start)
+        t.join(10)
+        assert out == [(0 if other is u1 else 1, None, True)]
+        assert value == (1 if other is u1 else 2)
+        assert staged.stats()["sent"] == 0  # withdrawn
+        assert no_registrations(u1, u2)
+    assert min(latencies) < 0.1, latencies
