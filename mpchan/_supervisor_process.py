@@ -1,11 +1,12 @@
 """One worker process, from its start to its reaping (layer 6, below ``_supervisor``).
 
-The :class:`~mpchan._supervisor.Supervisor` decides *when* a process starts,
-which start method it gets and what happens to it; this module knows *how*:
-the pipes a worker is started with, what multiprocessing must be told for
-spawn and forkserver starts, the parent's record of the process
-(:class:`Worker`), its reaping, and what its death means
-(:func:`crashed_error`).
+The :class:`~mpchan._supervisor.Supervisor` decides *when* a process starts
+and stops, and what happens to its tasks; this module knows *how*: which
+start method is safe at the moment (``method_for_start``: no fork of a
+threaded parent), the pipes a worker is started with, what multiprocessing
+must be told for spawn and forkserver starts, the parent's record of the
+process (:class:`Worker`), how a group of workers is stopped and reaped
+(``stop_processes``), and what a death means (:func:`crashed_error`).
 
 Start of one worker (``start_process``)::
 
