@@ -201,6 +201,8 @@ class Channel(PayloadCodec):
             self._wake(wakes)
 
     def _wake(self, keys: tuple[int, ...]) -> None:
+        """Wake the waiters a core call named (keys found dead are dropped and
+        their wake-up passed on).  Never blocks.  Process safety: any thread."""
         dead = wake(keys)
         if dead:
             # waiters that died while parked: drop them and pass the wake-up
@@ -582,7 +584,9 @@ class Channel(PayloadCodec):
     def __iter__(self) -> Iterator[Any]:
         """Receive until the channel is closed and drained.
 
-        Blocks: as recv.  Process safety: as recv.
+        Blocks: as recv (no timeout, no context).
+        Cancellation: none; use ``recv(timeout=..., ctx=...)`` in a loop.
+        Process safety: as recv.
         """
         while True:
             try:

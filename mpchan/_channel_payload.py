@@ -117,7 +117,13 @@ class PayloadCodec:
 
     def _encode(self, value: Any) -> tuple[int, Any, int]:
         """Return (tag, record payload, blob slot).  Copies big payloads into
-        a payload file now, before any channel state changes."""
+        a payload file now, before any channel state changes.
+
+        Blocks: at most ``_SLOT_WAIT_S`` (a big payload, while a receiver is
+        copying out of the slot that fits it), never for the channel.
+        Cancellation: none needed (bounded); a pickling error raises before
+        anything changed.  Process safety: any thread.
+        """
         t = type(value)
         if t in _SIMPLE:
             data = _dumps(value, 5)
@@ -132,6 +138,13 @@ class PayloadCodec:
         return self._to_blob(tag, data, bufs)
 
     def _to_blob(self, tag: int, data: Any, bufs: list[Any]) -> tuple[int, bytes, int]:
+        """Move a record's payload (and buffers) into a payload file; return
+        its (tag, descriptor, blob slot).
+
+        Blocks: as ``_encode`` -- at most ``_SLOT_WAIT_S``.
+        Cancellation: none needed (bounded); on an error the slot is given back.
+        Process safety: any thread.
+        """
         raws = [b.raw() for b in bufs]
         dlen = len(data) if not isinstance(data, memoryview) else data.nbytes
         total = dlen + sum(r.nbytes for r in raws)
@@ -213,6 +226,8 @@ class PayloadCodec:
             _shm.unlink_quietly(name)
 
     def _release_unsent(self, tag: int, payload: bytes, blob: int) -> None:
+        """Give back what an encoded value that was not sent holds (its slot,
+        or its one-off file).  Never blocks."""
         if not tag & TAG_BLOB:
             return
         if blob != NOBLOB:
@@ -222,6 +237,8 @@ class PayloadCodec:
             _shm.unlink_quietly(f"{self._name}-e{eph}")
 
     def _decode(self, data: bytes, tag: int, blob: int) -> Any:
+        """A received record -> its value (copying out of, then releasing, its
+        payload file).  Never blocks.  Raises UnpicklingError (consumed)."""
         if not tag & TAG_BLOB:
             if tag == TAG_PICKLE:
                 return decode(TAG_PICKLE, data)

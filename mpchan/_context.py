@@ -305,9 +305,12 @@ class Context:
                 await p.wait_async(_nearest(SLICE, None, remaining(self._deadline)))
 
     def __enter__(self) -> Context:
+        """The context itself.  Never blocks."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Cancel this context (and its descendants) if it has a cancel of its
+        own; else nothing.  Never blocks."""
         # Leaving the block cancels this context and its descendants.  A
         # context without a node of its own (background, with_value) has
         # nothing to cancel that is not its parent's, so nothing happens.
@@ -396,7 +399,7 @@ _BACKGROUND = Context()
 
 
 def background() -> Context:
-    """The root context: never cancelled, no deadline, no values."""
+    """The root context: never cancelled, no deadline, no values.  Never blocks."""
     return _BACKGROUND
 
 
@@ -425,12 +428,14 @@ def with_deadline(parent: Context, unix_time: float) -> tuple[Context, CancelFun
 
 
 def with_timeout(parent: Context, seconds: float) -> tuple[Context, CancelFunc]:
-    """A child cancelled ``seconds`` from now (or earlier with the parent)."""
+    """A child cancelled ``seconds`` from now (or earlier with the parent).
+    Never blocks."""
     return with_deadline(parent, time.time() + float(seconds))
 
 
 def with_value(parent: Context, key: Hashable, value: Any) -> Context:
-    """A child carrying ``key -> value``.  ``key`` must be hashable and not None."""
+    """A child carrying ``key -> value``.  ``key`` must be hashable and not None.
+    Never blocks."""
     _check_parent(parent)
     if key is None:
         raise TypeError("context key must not be None")

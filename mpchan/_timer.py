@@ -89,7 +89,9 @@ class Timer:
         """Wait for the timer; return the unix time it fired.
 
         Blocks: until it fires (an ``after`` that already fired blocks
-        forever, like Go's channel); TimeoutError after ``timeout``.
+        forever, like Go's channel).
+        Cancellation: TimeoutError after ``timeout``; the timer did not fire
+        for this call (a later recv still gets it).
         Process safety: any thread of the owning process.
         """
         ready, value, _ok = self.sel_poll()
@@ -109,6 +111,12 @@ class Timer:
         return float(value)
 
     def __iter__(self) -> Iterator[float]:
+        """Each fire time, for ever (a ``tick``; an ``after`` yields once, then
+        blocks for ever).
+
+        Blocks: as recv.  Cancellation: none (no timeout).
+        Process safety: as recv.
+        """
         while True:
             yield self.recv()
 
