@@ -18,7 +18,7 @@ from . import _supervisor
 from ._codec import release_unread
 from ._worker import RESULT, decode_reply, describe_callable, encode_task
 
-__all__ = ["GoHandle", "go", "shutdown"]
+__all__ = ["GoHandle", "go"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -159,14 +159,3 @@ def go(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> GoHandle[T]:
     worker = sup.acquire()
     future = sup.run(worker, request, name=name)
     return GoHandle(future, pid=worker.pid, name=name, where=worker.describe(name))
-
-
-def shutdown(timeout: float | None = None) -> None:
-    """Stop every worker process of the program (see :func:`mpchan._supervisor.shutdown`).
-
-    Blocks: until every worker process has exited; busy ones get SIGTERM,
-    and SIGKILL after ``timeout`` seconds (``None``: a default grace of 5 s).
-    Cancellation: none; running goroutines fail with
-    :class:`mpchan.ShutdownError`. Process safety: any thread.
-    """
-    _supervisor.shutdown(timeout)

@@ -62,6 +62,7 @@ __all__ = [
     "encode_task",
     "leave",
     "release_shared_memory",
+    "run_call",
     "take_boot",
     "worker_main",
 ]
@@ -290,7 +291,7 @@ def _serve(conn: Connection, worker_id: int) -> None:
             return
         if msg[:1] != TASK:
             return  # QUIT, or anything unexpected: leave rather than guess
-        reply = _run_one(msg)
+        reply = run_call(memoryview(msg)[1:])
         del msg
         try:
             conn.send_bytes(reply)
@@ -299,19 +300,32 @@ def _serve(conn: Connection, worker_id: int) -> None:
         del reply
 
 
-def _run_one(msg: bytes) -> bytes:
+def run_call(payload: memoryview, fn: Any = None) -> bytes:
+    """Run the call pickled in ``payload`` (``(fn, args, kwargs)``) and encode
+    its outcome as a reply: ``RESULT`` + the value, ``RAISED`` + what the
+    call raised, ``BROKEN`` + what failed around it (unpickling the call,
+    pickling the value). ``fn``, when given, is the function to call (the
+    payload's is None: a pool worker's function sent by value once).
+
+    The one task runner of a worker: ``go`` tasks (:func:`worker_main`) and
+    pool calls (``_pool.worker``). Blocks: for the call. Cancellation: none
+    here (the caller's process is killed to stop it). Process safety: the
+    worker's serving thread.
+    """
     try:
-        fn, args, kwargs = pickle.loads(memoryview(msg)[1:])
+        f, args, kwargs = pickle.loads(payload)
     except BaseException as e:
         return BROKEN + encode_failure(e, "unpickling the task")
+    if fn is not None:
+        f = fn
     try:
-        value = fn(*args, **kwargs)
+        value = f(*args, **kwargs)
     except BaseException as e:
         # SystemExit and KeyboardInterrupt included: sys.exit() in a task is
         # an exception like any other and must not end the worker.
-        del fn, args, kwargs
+        del f, args, kwargs
         return RAISED + encode_failure(e, "", skip_frames=1)
-    del fn, args, kwargs
+    del f, args, kwargs
     try:
         data = _dumps(value)
     except BaseException as e:
@@ -357,9 +371,6 @@ def encode_failure(exc: BaseException, stage: str, skip_frames: int = 0) -> byte
         stage=stage,
     )
     return pickle.dumps(tuple(failure), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-_encode_failure = encode_failure  # its earlier, private spelling (_pool.worker imports it)
 
 
 def _safe_str(obj: object) -> str:

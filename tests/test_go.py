@@ -302,13 +302,13 @@ def test_shutdown_stops_running_goroutines(g: gate.Gate, mpchan_leak_check: None
     try:
         h = _go.go(gate.check_in_and_wait, g.path)
         g.wait_checkins(1, timeout=30)
-        _go.shutdown(timeout=2)
+        _supervisor.shutdown(timeout=2)
         assert isinstance(h.exception(timeout=5), ShutdownError)
         assert gone(h.pid)
         # The next go gets a fresh supervisor.
         assert _go.go(add, 2, 3).result(timeout=30) == 5
     finally:
-        _go.shutdown(timeout=2)
+        _supervisor.shutdown(timeout=2)
 
 
 # -- how tasks are pickled --------------------------------------------------------------
@@ -337,7 +337,7 @@ if __name__ == "__main__":
         "lambda": _go.go(lambda: 7).result(timeout=60),
         "returned_main_class": type(_go.go(Box, 3).result(timeout=60)).__name__,
     }
-    _go.shutdown(timeout=5)
+    _supervisor.shutdown(timeout=5)
     print(json.dumps(out))
 """
 

@@ -4,6 +4,15 @@ A module may import only from modules of the same or a lower layer. Edge
 modules (the facade, the command line, the pytest plugin, integrations and
 the trace writer) sit on top: nothing in the layered library imports them,
 and the facade ``mpchan/__init__.py`` itself imports only layered modules.
+
+Two more rules keep the roles one-way inside a layer:
+
+- no import cycle, whatever the layers (``TYPE_CHECKING`` imports count:
+  a cycle of types is a cycle of design);
+- no private name crosses a module: ``from ._x import _name`` and
+  ``_x._name`` (on an imported mpchan module) are refused -- a name another
+  module needs is public where it is defined. (Attributes of objects,
+  ``obj._field``, are not checked here.)
 """
 
 from __future__ import annotations
@@ -187,6 +196,115 @@ def check_package(root: Path = PACKAGE_DIR) -> tuple[list[str], list[str]]:
     return unknown, problems
 
 
+def import_graph(root: Path = PACKAGE_DIR) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (the facade as FACADE)."""
+    modules = discover(root)
+    existing = set(modules)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = imports_of(
+            path.read_text(encoding="utf-8"),
+            name,
+            is_package=path.name == "__init__.py",
+            existing=existing,
+        )
+        graph[name] = {i.target for i in found if i.target != name and i.target in existing}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(groups)
+
+
+def _package_of(name: str, is_package: bool) -> list[str]:
+    if name == FACADE:
+        return []
+    return name.split(".") if is_package else name.split(".")[:-1]
+
+
+def private_crossings(root: Path = PACKAGE_DIR) -> list[str]:
+    """``from ._x import _name`` and ``_x._name`` uses, as readable lines."""
+    modules = discover(root)
+    existing = set(modules)
+    problems: list[str] = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        package = _package_of(name, path.name == "__init__.py")
+        aliases: dict[str, str] = {}  # local name -> package module it is bound to
+
+        def resolve(module: str | None, level: int, package: list[str] = package) -> str | None:
+            if level:
+                parts = package[: len(package) - (level - 1)]
+                return ".".join([*parts, *(module.split(".") if module else [])])
+            if module == PACKAGE:
+                return ""
+            if module and module.startswith(PACKAGE + "."):
+                return module[len(PACKAGE) + 1 :]
+            return None
+
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = resolve(node.module, node.level)
+                if base is None:
+                    continue
+                for alias in node.names:
+                    full = f"{base}.{alias.name}" if base else alias.name
+                    if full in existing or layer_of(full) is not None:
+                        aliases[alias.asname or alias.name] = full  # a module
+                    elif alias.name.startswith("_") and not alias.name.startswith("__"):
+                        where = base or FACADE
+                        problems.append(
+                            f"{name} (line {node.lineno}) imports {alias.name} from {where}"
+                        )
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    base = resolve(alias.name, 0)
+                    if base and alias.asname:
+                        aliases[alias.asname] = base
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and aliases[node.value.id] != name
+            ):
+                problems.append(f"{name} (line {node.lineno}) uses {node.value.id}.{node.attr}")
+    return sorted(set(problems))
+
+
 def test_every_module_is_in_the_layer_table() -> None:
     unknown, _ = check_package()
     assert not unknown, (
@@ -200,7 +318,53 @@ def test_imports_respect_the_layers() -> None:
     assert not problems, "layer violations:\n  " + "\n  ".join(problems)
 
 
+def test_no_import_cycles() -> None:
+    found = cycles(import_graph())
+    assert not found, "import cycles:\n  " + "\n  ".join(" <-> ".join(c) for c in found)
+
+
+def test_no_private_name_crosses_a_module() -> None:
+    problems = private_crossings()
+    assert not problems, "private names used across modules:\n  " + "\n  ".join(problems)
+
+
 # The checker itself, on a throwaway package, so a silent checker cannot pass.
+
+
+def test_cycle_checker_finds_same_layer_cycles(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "_go.py": "from ._group import Group\n",
+            "_group.py": (
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ._go import go\n"
+            ),
+            "_errors.py": "",
+            "_fan.py": "from . import _errors\n",
+        },
+    )
+    assert cycles(import_graph(tmp_path)) == [["_go", "_group"]]
+
+
+def test_private_name_checker(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "_errors.py": "_hidden = 1\npublic = 2\n",
+            "_go.py": (
+                "from ._errors import _hidden, public\nfrom . import _errors\n"
+                "x = _errors._hidden\ny = _errors.__name__\n"
+            ),
+            "_group.py": "from . import _errors as e\nz = e._hidden\n_own = 1\nw = _own\n",
+        },
+    )
+    assert private_crossings(tmp_path) == [
+        "_go (line 1) imports _hidden from _errors",
+        "_go (line 3) uses _errors._hidden",
+        "_group (line 2) uses e._hidden",
+    ]
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

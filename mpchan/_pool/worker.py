@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._codec import pickle_value
 from .._errors import EndOfChannel
-from .._worker import BROKEN, RAISED, RESULT, _encode_failure, leave, take_boot
+from .._worker import BROKEN, RAISED, RESULT, encode_failure, leave, run_call, take_boot
 
 if TYPE_CHECKING:
     from .._channel import Channel
@@ -115,7 +115,7 @@ def pool_worker_loop(
                 initargs = _loads(initargs)
             initializer(*initargs)
         except BaseException as e:
-            send(RES_HDR.pack(INIT_FAILED, wid, 0.0) + RAISED + _encode_failure(e, ""))
+            send(RES_HDR.pack(INIT_FAILED, wid, 0.0) + RAISED + encode_failure(e, ""))
             leave()
         del initializer, initargs
     send(RES_HDR.pack(READY, wid, 0.0) + str(os.getpid()).encode())
@@ -170,7 +170,7 @@ def _define(fns: dict[int, Any], key: int, blob: memoryview) -> None:
     try:
         fns[key] = _loads(blob)
     except BaseException as e:
-        fns[key] = _Undefined(BROKEN + _encode_failure(e, "unpickling the task"))
+        fns[key] = _Undefined(BROKEN + encode_failure(e, "unpickling the task"))
 
 
 def _run(kind: int, payload: memoryview, by_key: Any) -> tuple[bytes, float]:
@@ -178,11 +178,11 @@ def _run(kind: int, payload: memoryview, by_key: Any) -> tuple[bytes, float]:
     if isinstance(by_key, _Undefined):
         return by_key.failure, -1.0
     if kind == CALL:
-        return _run_call(payload, by_key), -1.0
+        return run_call(payload, by_key), -1.0
     try:
         fn, items = _loads(payload)
     except BaseException as e:
-        return BROKEN + _encode_failure(e, "unpickling the task"), -1.0
+        return BROKEN + encode_failure(e, "unpickling the task"), -1.0
     if by_key is not None:
         fn = by_key
     values: list[Any] = []
@@ -196,33 +196,13 @@ def _run(kind: int, payload: memoryview, by_key: Any) -> tuple[bytes, float]:
         else:
             values.extend(fn(*a) for a in items)
     except BaseException as e:
-        failure = RAISED + _encode_failure(e, "", skip_frames=1)
+        failure = RAISED + encode_failure(e, "", skip_frames=1)
     elapsed = time.perf_counter() - start
     del fn, items
     try:
         return RESULT + pickle_value((values, failure)), elapsed
     except BaseException as e:
-        return BROKEN + _encode_failure(e, "pickling the result"), elapsed
-
-
-def _run_call(payload: memoryview, by_key: Any) -> bytes:
-    try:
-        fn, args, kwargs = _loads(payload)
-    except BaseException as e:
-        return BROKEN + _encode_failure(e, "unpickling the task")
-    if by_key is not None:
-        fn = by_key
-    try:
-        value = fn(*args, **kwargs)
-    except BaseException as e:
-        # SystemExit included: sys.exit() in a task is an exception like any other.
-        del fn, args, kwargs
-        return RAISED + _encode_failure(e, "", skip_frames=1)
-    del fn, args, kwargs
-    try:
-        return RESULT + pickle_value(value)
-    except BaseException as e:
-        return BROKEN + _encode_failure(e, "pickling the result")
+        return BROKEN + encode_failure(e, "pickling the result"), elapsed
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
