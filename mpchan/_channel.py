@@ -536,7 +536,7 @@ class Channel(PayloadCodec):
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         if ctx is not None:
             ctx.check()
-        values = self._recv_many_nowait(max_items)
+        values = self.recv_many_nowait(max_items)
         if values:
             return values
         first = self._recv_slow(timeout, ctx)
@@ -547,7 +547,7 @@ class Channel(PayloadCodec):
             self._wake(wakes)
         return [first, *self._decode_all(items)]
 
-    def _recv_many_nowait(self, max_items: int) -> list[Any]:
+    def recv_many_nowait(self, max_items: int) -> list[Any]:
         """Up to ``max_items`` buffered values, [] when there are none.
 
         Never blocks. Raises EndOfChannel when closed and drained.
@@ -561,7 +561,7 @@ class Channel(PayloadCodec):
             return []
         return self._decode_all(items)
 
-    def _wait_readable(self, timeout: float, every: bool = False) -> None:
+    def wait_readable(self, timeout: float, every: bool = False) -> None:
         """Park (without spinning) until a value is buffered, the channel is
         closed, or ``timeout`` seconds pass (or the thread's waiter is woken
         by anyone). Takes nothing.
@@ -571,7 +571,8 @@ class Channel(PayloadCodec):
         would, and a busy thread would then keep it a switch interval).
         ``every``: woken by every send, as a select is, even while another
         receiver is parked (a send wakes only one plain receiver).
-        Blocks: up to ``timeout``. Process safety: any thread.
+        Blocks: up to ``timeout``. Cancellation: none; a timeout returns (the
+        caller re-checks what it waits for). Process safety: any thread.
         """
         core = self._core
         with Parking() as p:
@@ -580,6 +581,17 @@ class Channel(PayloadCodec):
                 self._wake(wakes)
             if core.length() == 0 and not core.is_closed():
                 p.wait(timeout)
+
+    def transit_pending(self) -> int:
+        """How many pickled handles of this channel no process has unpickled
+        yet (they pin its segment). Never blocks."""
+        return int(self._core.transit(0))
+
+    def forget_transit(self) -> None:
+        """Take back one pickled handle that will never be unpickled (the
+        message carrying it died with its receiver), so it no longer pins
+        the segment. Never blocks."""
+        self._core.transit(-1)
 
     def __iter__(self) -> Iterator[Any]:
         """Receive until the channel is closed and drained.

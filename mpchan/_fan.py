@@ -16,16 +16,10 @@ from typing import Any
 from ._channel import Channel
 from ._errors import ChannelClosed
 from ._go import go
+from ._policy import count
 from ._sync import WaitGroup
 
 __all__ = ["fan_out", "merge", "tee"]
-
-
-def _check_count(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _finish(wg: WaitGroup, out: Channel) -> None:
@@ -94,7 +88,7 @@ def merge(*chs: Channel, capacity: int = 0) -> Channel:
     at their next value.
     Process safety: the result may be used from any process.
     """
-    _check_count("capacity", capacity, 0)
+    count("capacity", capacity, 0)
     for ch in chs:
         if not isinstance(ch, Channel):
             raise TypeError(f"merge takes Channels, not {type(ch).__name__}")
@@ -128,8 +122,8 @@ def fan_out(
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
     if not isinstance(in_ch, Channel):
         raise TypeError(f"in_ch must be a Channel, not {type(in_ch).__name__}")
-    _check_count("workers", workers, 1)
-    _check_count("capacity", capacity, 0)
+    count("workers", workers, 1)
+    count("capacity", capacity, 0)
     out = Channel(capacity)
     wg = WaitGroup()
     wg.add(workers)
@@ -149,7 +143,7 @@ def tee(ch: Channel, n: int) -> list[Channel]:
     """
     if not isinstance(ch, Channel):
         raise TypeError(f"tee takes a Channel, not {type(ch).__name__}")
-    _check_count("n", n, 1)
+    count("n", n, 1)
     outs = [Channel(ch.capacity) for _ in range(n)]
     go(_broadcast, ch, outs)
     return outs

@@ -53,18 +53,11 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from ._context import Context
+from ._policy import count, positive
 from ._stream_run import Run, empty_stats
 from ._stream_wire import ItemError, Kind, OnError, Stage
 
 __all__ = ["Stream", "stream"]
-
-
-def _check_count(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class Stream:
@@ -92,7 +85,7 @@ class Stream:
             raise TypeError(f"ctx must be a Context, not {type(ctx).__name__}")
         self._source = source
         self._ctx = ctx
-        self._chunksize = None if chunksize is None else _check_count("chunksize", chunksize, 1)
+        self._chunksize = None if chunksize is None else count("chunksize", chunksize, 1)
         self._stages = stages
         self._trace = bool(_trace)
         self._run: Run | None = None
@@ -121,13 +114,12 @@ class Stream:
     ) -> Stream:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        _check_count("workers", workers, 1)
-        cap = max(2 * workers, 4) if capacity is None else _check_count("capacity", capacity, 0)
+        count("workers", workers, 1)
+        cap = max(2 * workers, 4) if capacity is None else count("capacity", capacity, 0)
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
-        _check_count("retries", retries, 0)
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be > 0, got {timeout}")
+        count("retries", retries, 0)
+        positive("timeout", timeout)
         return self._add(Stage(kind, fn, workers, cap, bool(ordered), on_error, retries, timeout))
 
     def map(
@@ -189,8 +181,8 @@ class Stream:
     def batch(self, n: int, *, capacity: int | None = None) -> Stream:
         """Group items into lists of ``n`` (the last may be shorter), in one
         worker process. Never blocks."""
-        _check_count("n", n, 1)
-        cap = 4 if capacity is None else _check_count("capacity", capacity, 0)
+        count("n", n, 1)
+        cap = 4 if capacity is None else count("capacity", capacity, 0)
         return self._add(Stage("batch", None, 1, cap, False, "fail", 0, None, n))
 
     # -- running -------------------------------------------------------------

@@ -37,6 +37,7 @@ LAYERS: dict[str, int | str] = {
     "_compat": 0,
     "_clock": 0,
     "_lifecycle": 0,
+    "_policy": 0,
     "_codec": 1,
     "_shm": 1,
     "_wake": 1,

@@ -231,7 +231,7 @@ def test_blocking_calls_leave_no_registration() -> None:
     with pytest.raises(TimeoutError):
         mpchan.after(5).recv(timeout=0.02)
     assert ctx.wait(0.02) is False
-    buffered._wait_readable(0.02)
+    buffered.wait_readable(0.02)
     node = ctx.wait_cores()[0]
     for core in (buffered.sel_core(), unbuffered.sel_core(), node, wg._core):
         assert core.waiters() == []

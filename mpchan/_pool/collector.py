@@ -140,7 +140,7 @@ class Collector:
                     core.parked = core.has_room()
                     core.woken = False
                 if not self.take_replies(rch):
-                    rch._wait_readable(timeout)
+                    rch.wait_readable(timeout)
                     self.take_replies(rch)
                 core.parked = False
                 while core.events:
@@ -150,7 +150,7 @@ class Collector:
                         # again. Read dry before each death: handling one
                         # (replacing the worker) takes a while.
                         while len(rch):
-                            self.on_replies(rch._recv_many_nowait(512))
+                            self.on_replies(rch.recv_many_nowait(512))
                         wid, exc = core.events.popleft()
                         self.on_worker_gone(wid, exc)
                 if core.task_timeout is not None:
@@ -168,7 +168,7 @@ class Collector:
     def take_replies(self, rch: Channel) -> bool:
         # The collector: handle what is buffered now. True if there was any.
         with self.core.rx:
-            items = rch._recv_many_nowait(512)
+            items = rch.recv_many_nowait(512)
             if items:
                 self.on_replies(items)
         return bool(items)
@@ -188,7 +188,7 @@ class Collector:
         if rch is None or not len(rch) or not core.rx.acquire(blocking=False):
             return 0
         try:
-            settled, woke = self.on_replies(rch._recv_many_nowait(512))
+            settled, woke = self.on_replies(rch.recv_many_nowait(512))
         except (EndOfChannel, ChannelClosed, ValueError):
             return 0  # the pool is closing: the collector sees to the rest
         finally:
@@ -213,7 +213,7 @@ class Collector:
                 core.rx.release()
             return
         with contextlib.suppress(ChannelClosed, ValueError):
-            rch._wait_readable(timeout, every=True)
+            rch.wait_readable(timeout, every=True)
 
     def on_replies(self, items: list[bytes]) -> tuple[int, bool]:
         core = self.core
@@ -415,10 +415,10 @@ class Collector:
         # The task channel travelled in that request alone, so its count
         # says whether the request was unpickled; if not, take back both.
         with contextlib.suppress(Exception):
-            if slot.ch._core.transit(0) > 0:
-                slot.ch._core.transit(-1)
+            if slot.ch.transit_pending() > 0:
+                slot.ch.forget_transit()
                 if core.results is not None:
-                    core.results._core.transit(-1)
+                    core.results.forget_transit()
 
     def check_timeouts(self) -> None:
         core = self.core

@@ -247,7 +247,7 @@ class PoolCore:
         # what was there back in order; True if every one named was there.
         ch = slot.ch
         try:
-            msgs = ch._recv_many_nowait(TASK_CAPACITY)
+            msgs = ch.recv_many_nowait(TASK_CAPACITY)
         except (WouldBlock, EndOfChannel, ChannelClosed):
             return False
         found: set[int] = set()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from .. import _lifecycle, _metrics, _supervisor
+from .. import _lifecycle, _metrics, _policy, _supervisor
 from .._context import Context
 from .collector import shutdown_all
 from .core import Settings
@@ -71,19 +71,14 @@ class Pool(Executor):
     ) -> None:
         if workers is None:
             workers = os.cpu_count() or 1
-        if isinstance(workers, bool) or not isinstance(workers, int):
-            raise TypeError(f"workers must be an int, not {type(workers).__name__}")
-        if workers <= 0:
-            raise ValueError(f"workers must be > 0, not {workers}")
+        _policy.count("workers", workers, 1)
         for name, value in (
             ("max_tasks_per_worker", max_tasks_per_worker),
             ("max_memory_per_worker", max_memory_per_worker),
             ("task_timeout", task_timeout),
         ):
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 or None, not {value}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, not {retries}")
+            _policy.positive(name, value)
+        _policy.count("retries", retries, 0)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be callable")
         if ctx is not None:
@@ -180,10 +175,10 @@ class Pool(Executor):
         ``ctx`` raises :class:`mpchan.Cancelled`.
         Process safety: any thread; one thread iterates a given iterator.
         """
-        if chunksize is not None and chunksize < 1:
-            raise ValueError(f"chunksize must be >= 1, not {chunksize}")
-        if buffersize is not None and buffersize < 1:
-            raise ValueError(f"buffersize must be >= 1, not {buffersize}")
+        if chunksize is not None:
+            _policy.count("chunksize", chunksize, 1)
+        if buffersize is not None:
+            _policy.count("buffersize", buffersize, 1)
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         self._d.check_open()

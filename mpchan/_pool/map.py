@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .._codec import cannot_unpickle, release_unread
 from .._core import ChunkIter
+from .._park import SLICE
 from .._wake import current_waiter, wake
 from .._worker import decode_reply
 from .task import Task
@@ -58,7 +59,6 @@ _loads = pickle.loads
 _CHUNK_TARGET = 0.005  # seconds of calls per automatic chunk
 _CHUNK_MAX = 65536
 _WINDOW_PER_WORKER = 4  # default chunks in flight per worker
-_WAIT_SLICE = 0.25  # longest single wait of the caller (it re-checks after it)
 _FEED_CHUNK = 256  # items per chunk when an input of unknown length is fed at shutdown
 
 
@@ -310,7 +310,7 @@ class MapRun:
                 continue  # settled here, without waiting for the collector
             if self.note.q:
                 continue
-            left = _WAIT_SLICE
+            left = SLICE  # the longest single wait; the caller re-checks after it
             if self.deadline is not None:
                 left = min(left, self.deadline - time.monotonic())
                 if left <= 0:
