@@ -185,7 +185,7 @@ def _idle_pids() -> set[int]:
     pids: set[int] = set()
     sup = sys.modules.get(f"{__name__}._supervisor")
     if sup is not None:
-        pids |= sup._idle_pids()
+        pids |= sup.idle_pids()
     shm = sys.modules.get(f"{__name__}._shm")
     if shm is not None:
         rp = shm.reaper_pid()

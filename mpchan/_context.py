@@ -250,8 +250,12 @@ class Context:
         Never blocks."""
         return any(n.core.flag() for n in self._chain)
 
-    def _request_drain(self) -> None:
-        """Ask every holder of this context (and its descendants) to drain."""
+    def request_drain(self) -> None:
+        """Ask every holder of this context (and its descendants), in every
+        process, to drain: :attr:`draining` turns True and
+        :meth:`drain_requested` becomes ready (the first Ctrl-C under
+        ``mpchan.main`` does this). Raises ValueError on the background
+        context. Never blocks."""
         if not self._chain:
             raise ValueError("background context cannot drain")
         _was, wakes = self._chain[0].core.set_flag()

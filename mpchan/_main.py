@@ -1,6 +1,6 @@
 """``mpchan.main``: run a program's main function with two-stage signals (layer 8).
 
-    signal 1 (SIGINT or SIGTERM)   ctx._request_drain(): every stream (and
+    signal 1 (SIGINT or SIGTERM)   ctx.request_drain(): every stream (and
                                    pool) bound to ctx stops reading input,
                                    finishes what is in flight, delivers it
     signal 2, or grace expiry      cancel(ctx): every blocking call under ctx
@@ -51,7 +51,7 @@ def main(fn: Callable[..., Any], *args: Any, grace: float | None = None) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         received.append(signum)
         if len(received) == 1:
-            ctx._request_drain()
+            ctx.request_drain()
             if grace is not None:
                 t = threading.Timer(grace, cancel, args=(("grace",),))
                 t.daemon = True

@@ -6,9 +6,10 @@ and one documented meaning each (layer 0).
     chunksize   items sent to a worker together: an int >= 1, or None for
                 automatic (a pool's map sizes chunks from the measured time
                 per item; a stream stage from how full its input channel is)
-    retries     extra runs of a task whose worker died while running it (an
-                int >= 0); a stream stage (and ``mpchan run``) also calls an
-                item again after an exception or a time-out
+    retries     extra runs of a task (a pool call, a map or stream item) that
+                failed -- its call raised, it ran past its timeout, or its
+                worker died running it -- then the last failure stands; an
+                int >= 0. What cannot be pickled is not run again.
     timeout     seconds one call may take, a number > 0 or None: past it the
                 task fails with TaskTimeout (a pool kills and replaces the
                 worker: ``task_timeout``; a stage interrupts the call)

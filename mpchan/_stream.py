@@ -80,7 +80,7 @@ class Stream:
         stages: tuple[Stage, ...] = (),
         _trace: bool = False,
     ) -> None:
-        # _trace (internal): record every item's run (see _trace_records)
+        # _trace (internal): record every item's run (see trace_records)
         if ctx is not None and not isinstance(ctx, Context):
             raise TypeError(f"ctx must be a Context, not {type(ctx).__name__}")
         self._source = source
@@ -221,12 +221,6 @@ class Stream:
         finally:
             run.close()
 
-    def _enumerate(self) -> Generator[tuple[int | None, Any], None, None]:
-        """Internal (``mpchan run``): iterate as :meth:`__iter__` does, yielding
-        ``(source index, result)`` pairs; the index of a result derived from a
-        source item (filter, flat_map) is that item's, None after a batch."""
-        return self._results(indexed=True)
-
     def collect(self) -> list[Any]:
         """Run the pipeline and return every result in a list.
 
@@ -293,26 +287,7 @@ class Stream:
         """With ``on_error="skip"``: (item repr, error) of failed items, in the
         order they were delivered (up to 100 per stage; ``stats()`` counts
         all). Never blocks."""
-        return [(r.item, r.error) for r in self._failed_items()]
-
-    def _failed_items(self) -> list[ItemError]:
-        """Internal (``mpchan run``): the records behind :meth:`failures`
-        (``index``: the item's source index). Never blocks."""
-        return [] if self._run is None else list(self._run.failures)
-
-    def _fatal_item(self) -> ItemError | None:
-        """Internal (``mpchan run``): the failed item that ended the run, if an
-        item did (``stage``, ``index``, ``error``, ``traceback``: the user's own
-        frames). Never blocks."""
-        return None if self._run is None else self._run.failure
-
-    def _trace_records(self) -> list[dict[str, Any]]:
-        """Internal (``mpchan run --trace``): with ``_trace=True``, once the
-        run is over, one dict per stage worker that reported: ``stage``
-        (index), ``pid``, ``events`` (:data:`TraceEvent` tuples, times from
-        ``time.monotonic()``), ``dropped`` (events past the limit). A worker
-        killed before it could report is missing. Never blocks."""
-        return [] if self._run is None else list(self._run.trace)
+        return [(r.item, r.error) for r in failed_items(self)]
 
 
 def stream(
@@ -328,7 +303,42 @@ def stream(
     operations for tiny items). ``None`` (default) adapts: one item at a
     time while the stages keep up, chunks of up to 16 while they are behind.
     ``_trace`` (internal, for ``mpchan run --trace``): stage workers record
-    every item they run (see ``Stream._trace_records``).
+    every item they run (see :func:`trace_records`).
     Never blocks; see :class:`Stream`.
     """
     return Stream(iterable, ctx=ctx, chunksize=chunksize, _trace=_trace)
+
+
+# -- for ``mpchan run`` (the command line): what a plain iteration hides ----------
+
+
+def indexed_results(s: Stream) -> Generator[tuple[int | None, Any], None, None]:
+    """Iterate ``s`` as iterating it does, yielding ``(source index, result)``
+    pairs; the index of a result derived from a source item (filter,
+    flat_map) is that item's, None after a batch.
+
+    Blocks, Cancellation, Process safety: as iterating the stream.
+    """
+    return s._results(indexed=True)
+
+
+def failed_items(s: Stream) -> list[ItemError]:
+    """The records behind :meth:`Stream.failures` (``index``: the item's
+    source index). Never blocks."""
+    return [] if s._run is None else list(s._run.failures)
+
+
+def fatal_item(s: Stream) -> ItemError | None:
+    """The failed item that ended the run of ``s``, if an item did
+    (``stage``, ``index``, ``error``, ``traceback``: the user's own frames).
+    Never blocks."""
+    return None if s._run is None else s._run.failure
+
+
+def trace_records(s: Stream) -> list[dict[str, Any]]:
+    """With ``_trace=True``, once the run of ``s`` is over, one dict per
+    stage worker that reported: ``stage`` (index), ``pid``, ``events``
+    (:data:`TraceEvent` tuples, times from ``time.monotonic()``),
+    ``dropped`` (events past the limit). A worker killed before it could
+    report is missing. Never blocks."""
+    return [] if s._run is None else list(s._run.trace)

@@ -665,7 +665,7 @@ def shutdown(timeout: float | None = None) -> None:
         sup.shutdown(timeout)
 
 
-def _idle_pids() -> set[int]:
+def idle_pids() -> set[int]:
     """Pids of the program supervisor's idle cached workers (leak checks ignore these)."""
     sup = _default
     return sup.idle_pids() if sup is not None else set()

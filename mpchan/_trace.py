@@ -42,7 +42,7 @@ def open_trace(path: str) -> IO[str]:
 def trace_events(
     records: Iterable[dict[str, Any]], labels: Sequence[str], *, start: float
 ) -> Iterator[dict[str, Any]]:
-    """The trace events of ``records`` (``Stream._trace_records()``).
+    """The trace events of ``records`` (``_stream.trace_records(s)``).
 
     ``labels`` names the stages by index; ``start`` is the ``time.monotonic()``
     of the start of the run (time zero). Metadata events come first. Never blocks.

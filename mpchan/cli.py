@@ -470,6 +470,7 @@ def _run(
         raise _BadUsage(f"--metrics-port {metrics_port}: expected a port number from 0 to 65535")
 
     import mpchan
+    from mpchan import _stream  # what a run shows beyond iteration: indexes, failures, traces
 
     source: Any
     total: int | None = None
@@ -533,7 +534,7 @@ def _run(
         bar = _progress_bar(progress, total)
         writer = _Writer(out_fh, jsonl, bar)
         unwritten: list[_Failure] = []  # results skipped because they cannot be written
-        results = s._enumerate()
+        results = _stream.indexed_results(s)
         try:
             for index, value in results:
                 problem = writer.write(value)
@@ -554,7 +555,7 @@ def _run(
         except OSError as exc:
             outcome["failure"] = _Failure(None, None, f"cannot write the results: {exc}")
         except Exception as exc:
-            outcome["failure"] = _failure_of(exc, s._fatal_item())
+            outcome["failure"] = _failure_of(exc, _stream.fatal_item(s))
         finally:
             # stops the stages if the loop stopped early; what the run raises
             # then comes after the failure that stopped it
@@ -563,12 +564,14 @@ def _run(
             if bar is not None:
                 bar.close()
             # what the workers recorded, also when the run failed or was cut short
-            outcome["trace"] = s._trace_records()
+            outcome["trace"] = _stream.trace_records(s)
         stats = s.stats()
         failed = sum(st["failed"] for st in stats) + len(unwritten)
         if failed:
             click.echo(f"mpchan run: {failed} item(s) failed and were skipped", err=True)
-            skipped = [_Failure(r.source_index, r.stage + 1, r.error) for r in s._failed_items()]
+            skipped = [
+                _Failure(r.source_index, r.stage + 1, r.error) for r in _stream.failed_items(s)
+            ]
             skipped += unwritten
             skipped.sort(key=lambda f: (f.item is None, f.item or 0))
             for f in skipped[:5]:

@@ -302,7 +302,7 @@ def test_done_and_drain_are_selectable() -> None:
     ctx, cancel = mpchan.with_cancel(bg())
     child, cancel_child = mpchan.with_cancel(ctx)
     assert mpchan.select(ch, ctx.done(), default=True) == (-1, None, False)
-    ctx._request_drain()
+    ctx.request_drain()
     assert ctx.draining and child.draining and not child.cancelled
     assert mpchan.select(ch, child.drain_requested(), timeout=5) == (1, None, False)
     t = threading.Timer(0.05, cancel)

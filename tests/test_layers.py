@@ -11,8 +11,11 @@ Two more rules keep the roles one-way inside a layer:
   a cycle of types is a cycle of design);
 - no private name crosses a module: ``from ._x import _name`` and
   ``_x._name`` (on an imported mpchan module) are refused -- a name another
-  module needs is public where it is defined. (Attributes of objects,
-  ``obj._field``, are not checked here.)
+  module needs is public where it is defined; and ``obj._field`` is refused
+  where the module defines no ``_field`` itself (it then reaches into an
+  object another module owns), but for the few private names of the
+  standard library that have no public spelling (``STDLIB_PRIVATE``) and
+  for ``self._field`` (a class's own members, inherited ones included).
 """
 
 from __future__ import annotations
@@ -306,6 +309,42 @@ def private_crossings(root: Path = PACKAGE_DIR) -> list[str]:
     return sorted(set(problems))
 
 
+STDLIB_PRIVATE = {"os._exit", "util._run_finalizers", "sys._getframe"}
+"""``base.attr`` uses of the standard library's private names, allowed."""
+
+
+def foreign_private_attributes(root: Path = PACKAGE_DIR) -> list[str]:
+    """``obj._field`` uses of a private attribute the module itself never
+    defines (assigns, defines as a function or class, names in ``__slots__``)."""
+    problems: list[str] = []
+    for name, path in discover(root).items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defined: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                defined.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+            elif isinstance(node, ast.arg):
+                defined.add(node.arg)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                defined.add(node.value)  # __slots__ entries, getattr(obj, "_x")
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and node.attr not in defined
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
+                use = f"{ast.unparse(node.value)}.{node.attr}"
+                if use not in STDLIB_PRIVATE:
+                    problems.append(f"{name} (line {node.lineno}) uses {use}")
+    return sorted(problems)
+
+
 def test_every_module_is_in_the_layer_table() -> None:
     unknown, _ = check_package()
     assert not unknown, (
@@ -325,7 +364,7 @@ def test_no_import_cycles() -> None:
 
 
 def test_no_private_name_crosses_a_module() -> None:
-    problems = private_crossings()
+    problems = private_crossings() + foreign_private_attributes()
     assert not problems, "private names used across modules:\n  " + "\n  ".join(problems)
 
 
@@ -346,6 +385,21 @@ def test_cycle_checker_finds_same_layer_cycles(tmp_path: Path) -> None:
         },
     )
     assert cycles(import_graph(tmp_path)) == [["_go", "_group"]]
+
+
+def test_foreign_private_attribute_checker(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "_go.py": (
+                "class A:\n    __slots__ = ('_x',)\n    def _m(self): return self._x\n"
+                "def f(a, b):\n    a._x; a._m(); b._other; os._exit(0)\n"
+                "class B(A):\n    def g(self): return self._base\n"
+            ),
+        },
+    )
+    assert foreign_private_attributes(tmp_path) == ["_go (line 5) uses b._other"]
 
 
 def test_private_name_checker(tmp_path: Path) -> None:

@@ -259,7 +259,7 @@ def test_ctx_drain_finishes_in_flight_and_ends_map() -> None:
             ):
                 out.append(value)
                 if n == 10:
-                    ctx._request_drain()
+                    ctx.request_drain()
             assert out == list(range(len(out)))  # in order, nothing lost, then the end
             assert len(out) < 200
             with pytest.raises(ShutdownError):

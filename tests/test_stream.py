@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 import mpchan
+from mpchan._stream import failed_items, indexed_results, trace_records
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -193,7 +194,7 @@ def test_drain_finishes_what_was_read() -> None:
     for v in s:
         out.append(v)
         if len(out) == 10:
-            ctx._request_drain()
+            ctx.request_drain()
     cancel()
     assert len(out) >= 10
     assert out == [x * x for x in range(len(out))]
@@ -296,7 +297,7 @@ def test_unpicklable_result_fails_the_stream() -> None:
 def test_trace_records_every_item_also_when_the_run_fails() -> None:
     plain = mpchan.stream(range(5)).map(square)
     assert sorted(plain.collect()) == [0, 1, 4, 9, 16]
-    assert plain._trace_records() == []  # not asked for: nothing recorded
+    assert trace_records(plain) == []  # not asked for: nothing recorded
 
     before = time.monotonic()
     s = (
@@ -307,7 +308,7 @@ def test_trace_records_every_item_also_when_the_run_fails() -> None:
     )
     with pytest.raises(ValueError, match="unlucky"):
         s.collect()
-    records = s._trace_records()
+    records = trace_records(s)
     assert {r["stage"] for r in records} <= {0, 1, 2}
     assert all(r["pid"] != os.getpid() and r["dropped"] == 0 for r in records)
     events = [(r["stage"], *e) for r in records for e in r["events"]]
@@ -418,9 +419,9 @@ def test_unpicklable_result_is_skipped_with_on_error_skip() -> None:
 
 def test_enumerate_gives_each_result_its_source_index() -> None:
     s = mpchan.stream(range(20), chunksize=4).map(fail_odd, on_error="skip").flat_map(twice)
-    pairs = sorted(s._enumerate())
+    pairs = sorted(indexed_results(s))
     assert pairs == sorted((x, x) for x in range(0, 20, 2) for _ in range(2))
-    assert sorted(r.source_index for r in s._failed_items()) == list(range(1, 20, 2))
+    assert sorted(r.source_index for r in failed_items(s)) == list(range(1, 20, 2))
 
 
 def test_killed_worker_runs_its_item_again_with_retries(tmp_path: Path) -> None:

@@ -200,7 +200,7 @@ def test_module_shutdown_without_supervisor_is_a_no_op() -> None:
     previous = _supervisor.set_supervisor(None)
     try:
         _supervisor.shutdown()
-        assert _supervisor._idle_pids() == set()
+        assert _supervisor.idle_pids() == set()
     finally:
         _supervisor.set_supervisor(previous)
 

@@ -26,6 +26,19 @@ new message on the wire in ``worker`` and its handling in ``collector``.
 
 from __future__ import annotations
 
-from .executor import Pool
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .executor import Pool as Pool
 
 __all__ = ["Pool"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): a pool worker imports ``_pool.worker`` only, and must
+    # not pay for the parent's side of the package.
+    if name == "Pool":
+        from .executor import Pool
+
+        return Pool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

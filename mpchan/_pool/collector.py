@@ -56,7 +56,7 @@ from .._errors import (
     TaskTimeout,
     WorkerCrashed,
 )
-from .._worker import RESULT, decode_reply
+from .._worker import RAISED, RESULT, decode_reply
 from .core import DEPTH_MAX, QUEUE_TARGET, TASK_CAPACITY, PoolCore, State, take_all
 from .task import Slot, Task, copy_error, drop_local_tracebacks
 from .worker import CALL, INIT_FAILED, READY, RES_HDR, RETIRING, WAKE
@@ -73,6 +73,7 @@ _EXIT_GRACE_FAILING = 1.0  # a program ending with an error: its running tasks g
 
 _loads = pickle.loads
 _R = RESULT[0]
+_E = RAISED[0]
 
 
 class Collector:
@@ -277,6 +278,13 @@ class Collector:
             with contextlib.suppress(InvalidStateError):
                 fut.set_result(None)
             return
+        if reply[0] == _E and task.kind == CALL and task.retries > 0:
+            # The call raised and may run again (a chunk's items are called
+            # again in the worker itself: see _pool.worker).
+            release_unread(reply[1:])
+            core.retry(task)
+            core.wake()
+            return
         if task.owner is not None and reply[0] == _R:
             # A map chunk: its caller unpickles the values when it needs them,
             # so this thread is back at the result channel sooner.
@@ -371,7 +379,9 @@ class Collector:
                     core.close_state(State.BROKEN)
             killed = crashed is not None and crashed.tid == slot.killed
             timed_out = crashed is not None and crashed.tid == slot.timed_out
-            if crashed is not None and not (killed or timed_out) and crashed.retries > 0:
+            if crashed is not None and not killed and crashed.retries > 0:
+                # Its worker died, or was killed because it ran past its
+                # task_timeout: it runs again (on a new worker) while it may.
                 crashed.retries -= 1
                 core.counts["retried"] += 1
                 tasks.insert(0, crashed)

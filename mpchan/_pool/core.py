@@ -138,7 +138,7 @@ class Settings:
     max_tasks: int | None = None  # per worker, then it is replaced
     max_memory: int | None = None  # bytes of RSS after a task, then it is replaced
     task_timeout: float | None = None  # seconds; the worker is killed and replaced
-    retries: int = 0  # runs again of a task whose worker died
+    retries: int = 0  # runs again of a failed task (see _policy)
     ctx: Context | None = None
 
 
@@ -299,7 +299,7 @@ class PoolCore:
         # Caller holds the lock: record that ``slot`` runs ``task`` (not sent
         # yet). False for a task cancelled meanwhile (its waiters are told).
         fut = task.future
-        state = fut._state
+        state = fut.state
         if state != PENDING and state != RUNNING:  # RUNNING: a task being retried
             if state == CANCELLED:
                 fut.set_running_or_notify_cancel()
@@ -318,7 +318,7 @@ class PoolCore:
         # Caller holds the lock: the task is its worker's head (or was taken).
         if not task.started:
             task.started = True
-            if task.future._state == PENDING:  # not when it is retried
+            if task.future.state == PENDING:  # not when it is retried
                 task.future.set_running_or_notify_cancel()
 
     def send(self, slot: Slot, tasks: list[Task]) -> int:
@@ -395,7 +395,7 @@ class PoolCore:
                 break  # the ring of the worker's channel stays far from full
             task = pending.popleft()
             batch.append(task)
-            if task.future._state in (PENDING, RUNNING):
+            if task.future.state in (PENDING, RUNNING):
                 queued += len(task.msg)
                 room -= 1
         if batch:
@@ -449,6 +449,7 @@ class PoolCore:
                     self.initializer is not None,
                     self.max_tasks,
                     self.max_memory,
+                    self.retries,
                 ),
                 {},
             )
@@ -520,6 +521,17 @@ class PoolCore:
                 with contextlib.suppress(ValueError):
                     s.ch.close()
 
+    def retry(self, task: Task) -> None:
+        """Queue ``task`` again, first, after it failed (its worker answered
+        that the call raised): one of its ``retries`` is spent. Never blocks
+        (but for the lock); the caller wakes the collector."""
+        with self.lock:
+            task.retries -= 1
+            task.started = False
+            task.slot = None
+            self.counts["retried"] += 1
+            self.pending.appendleft(task)
+
     def stop_intake(self, cancel_futures: bool) -> None:
         """Shut down: no more submits; what was submitted finishes, or with
         ``cancel_futures`` is cancelled unless it started. Wakes the
@@ -541,7 +553,7 @@ class PoolCore:
                     if queued and self.withdraw(s, None):
                         cancelled += queued
         for task in cancelled:
-            if task.slot is None and task.future._cancel_now():
+            if task.slot is None and task.future.cancel_now():
                 self.counts["cancelled"] += 1
         self.wake()
 

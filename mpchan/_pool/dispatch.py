@@ -155,8 +155,7 @@ class Dispatch:
         msg = TASK_HDR.pack(tid, kind, key) + payload
         task = Task(tid, msg, fn, core.retries, kind, n, owner, key, blob)
         fut = task.future
-        fut._task = task
-        fut._pool = self
+        fut.bind(task, self)
         core.submitted += 1
         if not core.pending and (core.parked or kind != CALL):
             # The pool is quiet (the collector waits): hand the task to an
@@ -194,7 +193,7 @@ class Dispatch:
                 return False
         if slot is not None:
             # Out of every queue now: nobody else completes it.
-            if fut._cancel_now():
+            if fut.cancel_now():
                 core.counts["cancelled"] += 1
                 return True
             return False
@@ -203,7 +202,7 @@ class Dispatch:
         if not Future.cancel(fut):
             return False
         with core.lock:
-            if fut._state == CANCELLED:
+            if fut.state == CANCELLED:
                 fut.set_running_or_notify_cancel()
         core.counts["cancelled"] += 1
         return True
@@ -222,7 +221,7 @@ class Dispatch:
             slot.killed = task.tid
             slot.retiring = True  # nothing more is sent to it
             core.workers.kill(slot.worker)
-        if fut._cancel_now():
+        if fut.cancel_now():
             core.counts["killed"] += 1
             return True
         return False

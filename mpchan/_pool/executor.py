@@ -45,6 +45,11 @@ class Pool(Executor):
     or the task runs again while ``retries`` allows) and is replaced.
     ``task_timeout`` (seconds) kills and replaces a worker whose task
     overruns and fails the task with :class:`mpchan.TaskTimeout`.
+    ``retries``, as in a stream stage and ``mpchan run``: a task that
+    failed -- its call raised, it ran past ``task_timeout``, or its worker
+    died running it -- runs again, up to ``retries`` more times, and the
+    last failure is its result (a map item is called again in its worker;
+    a task that cannot be pickled is not run again).
     ``max_tasks_per_worker`` / ``max_memory_per_worker`` (bytes of RSS)
     recycle a worker between tasks. ``initializer(*initargs)`` runs once in
     each worker; if it raises, the pool is broken (pending tasks and later

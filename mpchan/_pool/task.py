@@ -245,9 +245,22 @@ class PoolFuture(Future[T]):
         self._task = self._pool = None
         super().set_exception(exception)
 
-    def _cancel_now(self) -> bool:
-        # The pool took the task back (or killed its worker): cancel and
-        # notify at once, whatever the state but finished. True if cancelled.
+    @property
+    def state(self) -> str:
+        """The state (``concurrent.futures``' PENDING, RUNNING, CANCELLED,
+        CANCELLED_AND_NOTIFIED or FINISHED), read without a lock. Never blocks."""
+        return self._state
+
+    def bind(self, task: Task, pool: _Canceller) -> None:
+        """Called by the pool once: the task this future is of, and who takes
+        it back on :meth:`cancel` / :meth:`kill`. Never blocks."""
+        self._task = task
+        self._pool = pool
+
+    def cancel_now(self) -> bool:
+        """Called by the pool when it took the task back (or killed its
+        worker): cancel and notify at once, whatever the state but finished.
+        True if cancelled. Never blocks (but for the future's own lock)."""
         with self._condition:
             if self._state == FINISHED:
                 return False

@@ -89,6 +89,7 @@ def pool_worker_loop(
     initialize: bool,
     max_tasks: int | None,
     max_memory: int | None,
+    retries: int = 0,
 ) -> None:
     """Serve tasks from ``tasks`` until it is closed (or a recycle limit is
     hit); then end the process, so no pool state outlives the pool.
@@ -97,7 +98,10 @@ def pool_worker_loop(
     pool's ``initializer(*initargs)``, given to this process when it started
     (``_worker.take_boot``), runs once, first. After ``max_tasks`` tasks, or
     once the resident memory passes ``max_memory`` bytes after a task, the
-    worker announces RETIRING and leaves.
+    worker announces RETIRING and leaves. ``retries``: an item of a map
+    chunk whose call raised is called again, here, up to that many times (a
+    single call is queued again by the parent instead, which keeps its
+    count).
 
     Blocks: for the life of the pool worker. Cancellation: the parent closes
     ``tasks``, or kills the process. Process safety: runs in one worker
@@ -132,7 +136,9 @@ def pool_worker_loop(
             _define(fns, key, memoryview(msg)[TASK_HDR.size :])
             continue
         start = time.perf_counter()
-        reply, elapsed = _run(kind, memoryview(msg)[TASK_HDR.size :], fns.get(key) if key else None)
+        reply, elapsed = _run(
+            kind, memoryview(msg)[TASK_HDR.size :], fns.get(key) if key else None, retries
+        )
         if elapsed < 0:
             elapsed = time.perf_counter() - start
         del msg
@@ -173,7 +179,7 @@ def _define(fns: dict[int, Any], key: int, blob: memoryview) -> None:
         fns[key] = _Undefined(BROKEN + encode_failure(e, "unpickling the task"))
 
 
-def _run(kind: int, payload: memoryview, by_key: Any) -> tuple[bytes, float]:
+def _run(kind: int, payload: memoryview, by_key: Any, retries: int) -> tuple[bytes, float]:
     """Run one task; return its reply and the seconds its calls took (-1: all of it)."""
     if isinstance(by_key, _Undefined):
         return by_key.failure, -1.0
@@ -190,19 +196,35 @@ def _run(kind: int, payload: memoryview, by_key: Any) -> tuple[bytes, float]:
     # Only the calls are timed: the parent sizes chunks from the time per item.
     start = time.perf_counter()
     try:
-        if kind == CHUNK1:
+        if retries:
+            star = kind != CHUNK1
+            for x in items:
+                values.append(_call_again(fn, x, star, retries))
+        elif kind == CHUNK1:
             # list.extend keeps what it appended before an exception.
             values.extend(map(fn, items))
         else:
             values.extend(fn(*a) for a in items)
     except BaseException as e:
-        failure = RAISED + encode_failure(e, "", skip_frames=1)
+        failure = RAISED + encode_failure(e, "", skip_frames=2 if retries else 1)
     elapsed = time.perf_counter() - start
     del fn, items
     try:
         return RESULT + pickle_value((values, failure)), elapsed
     except BaseException as e:
         return BROKEN + encode_failure(e, "pickling the result"), elapsed
+
+
+def _call_again(fn: Any, item: Any, star: bool, retries: int) -> Any:
+    # fn(item) (or fn(*item)), called again after an exception while
+    # ``retries`` allow; the last exception propagates.
+    for attempt in range(retries + 1):
+        try:
+            return fn(*item) if star else fn(item)
+        except BaseException:
+            if attempt == retries:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
