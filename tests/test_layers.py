@@ -183,37 +183,39 @@ def violations(name: str, imports: list[Import], *, existing: set[str]) -> list[
     return problems
 
 
-def check_package(root: Path = PACKAGE_DIR) -> tuple[list[str], list[str]]:
-    """(unknown modules, layer violations) of the package at ``root``."""
+def all_imports(root: Path = PACKAGE_DIR) -> tuple[set[str], dict[str, list[Import]]]:
+    """(every module name, module -> the imports found in it) of the package at ``root``."""
     modules = discover(root)
     existing = set(modules)
-    unknown = sorted(m for m in modules if layer_of(m) is None)
-    problems: list[str] = []
-    for name, path in modules.items():
-        found = imports_of(
+    found = {
+        name: imports_of(
             path.read_text(encoding="utf-8"),
             name,
             is_package=path.name == "__init__.py",
             existing=existing,
         )
-        problems.extend(violations(name, found, existing=existing))
+        for name, path in modules.items()
+    }
+    return existing, found
+
+
+def check_package(root: Path = PACKAGE_DIR) -> tuple[list[str], list[str]]:
+    """(unknown modules, layer violations) of the package at ``root``."""
+    existing, found = all_imports(root)
+    unknown = sorted(m for m in existing if layer_of(m) is None)
+    problems: list[str] = []
+    for name, imports in found.items():
+        problems.extend(violations(name, imports, existing=existing))
     return unknown, problems
 
 
 def import_graph(root: Path = PACKAGE_DIR) -> dict[str, set[str]]:
     """Module -> the package modules it imports (the facade as FACADE)."""
-    modules = discover(root)
-    existing = set(modules)
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        found = imports_of(
-            path.read_text(encoding="utf-8"),
-            name,
-            is_package=path.name == "__init__.py",
-            existing=existing,
-        )
-        graph[name] = {i.target for i in found if i.target != name and i.target in existing}
-    return graph
+    existing, found = all_imports(root)
+    return {
+        name: {i.target for i in imports if i.target != name and i.target in existing}
+        for name, imports in found.items()
+    }
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
