@@ -93,6 +93,7 @@ from ._channel import Channel
 from ._context import CancelFunc, Context, background, with_cancel
 from ._errors import Cancelled, ChannelClosed, EndOfChannel, WorkerCrashed, WouldBlock
 from ._go import GoHandle, go
+from ._policy import Chunker
 from ._stream_wire import (
     Guard,
     ItemError,
@@ -253,12 +254,14 @@ class Run:
         it = self._it
         seq = 0
         start = 0  # the source index of the chunk's first item
-        # Adaptive chunks (chunksize=None): items travel alone while the first
-        # stage keeps up (lowest latency); each time the feeder finds its
-        # channel full -- the stages are behind, items would wait anyway --
-        # the chunk doubles, up to _MAX_CHUNK; an empty channel halves it.
+        # Automatic chunks (chunksize=None, the shared rule _policy.Chunker):
+        # items travel alone while the first stage keeps up (lowest latency);
+        # each time the feeder finds its channel full -- the stages are
+        # behind, items would wait anyway -- the chunk doubles, up to
+        # _MAX_CHUNK; an empty channel halves it.
+        sizer = Chunker(self.chunksize, _MAX_CHUNK)
         adaptive = self.chunksize is None
-        size = 1 if self.chunksize is None else self.chunksize
+        size = sizer.size()
         error: BaseException | None = None
         try:
             while error is None and not ctx.draining and ctx.err() is None and not self._stop:
@@ -276,9 +279,10 @@ class Run:
                 if adaptive:
                     backlog = len(ch)
                     if backlog >= ch.capacity:
-                        size = min(size * 2, _MAX_CHUNK)
+                        sizer.behind()
                     elif backlog == 0:
-                        size = max(size // 2, 1)
+                        sizer.idle()
+                    size = sizer.size()
                 if self.ordered:
                     with self._cond:
                         while seq >= self._delivered + self.window and not self._stop:

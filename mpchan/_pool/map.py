@@ -13,12 +13,12 @@ Replies: between chunks the caller takes buffered replies itself
 channel (woken by every reply) or for the collector to settle a chunk
 (``_Note``): no reply waits for another thread to get the GIL.
 
-Chunk size (``chunksize=None``): one single-item probe per worker first;
-the first answer gives the time per call, then chunks hold about
-``_CHUNK_TARGET`` seconds of calls. When the input has a length, each chunk
-doubles the last (a one-item probe overstates a tiny task's time per item:
-its first call is cold), up to ``len/(4*workers)`` items, so every worker
-still gets several chunks.
+Chunk size (``chunksize=None``): the shared rule, ``_policy.Chunker``. One
+single-item probe per worker first; the first answer gives the time per
+call, then chunks hold about ``TARGET_S`` seconds of calls. When the input
+has a length, each chunk doubles the last (a one-item probe overstates a
+tiny task's time per item: its first call is cold), up to
+``len/(4*workers)`` items, so every worker still gets several chunks.
 
 Window: at most ``_WINDOW_PER_WORKER * workers`` chunks at the workers (more
 while they hold less work than that many full chunks would), and at most
@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .._codec import cannot_unpickle, release_unread
 from .._core import ChunkIter
 from .._park import SLICE
+from .._policy import TARGET_S, Chunker
 from .._wake import current_waiter, wake
 from .._worker import decode_reply
 from .task import Task
@@ -56,7 +57,6 @@ __all__ = ["MapRun"]
 
 _loads = pickle.loads
 
-_CHUNK_TARGET = 0.005  # seconds of calls per automatic chunk
 _CHUNK_MAX = 65536
 _WINDOW_PER_WORKER = 4  # default chunks in flight per worker
 _FEED_CHUNK = 256  # items per chunk when an input of unknown length is fed at shutdown
@@ -103,13 +103,10 @@ class MapRun:
         self.total = total
         workers = pool.nworkers
         self.cap = _CHUNK_MAX if total is None else max(1, math.ceil(total / (4 * workers)))
+        self.sizer = Chunker(chunksize, self.cap)
         self.buffersize = buffersize
         self.window = _WINDOW_PER_WORKER * workers
-        self.per_item: float | None = None
-        self.obs_secs = 0.0
-        self.obs_items = 0.0
         self.probes = 0
-        self.grow = 1
         self.waited = False
         self.closed = False
         # Held while the input is read: by the iterating thread (top_up), or
@@ -127,18 +124,18 @@ class MapRun:
             self.bar = progress_bar(total)
         pool.add_map(self)
 
+    @property
+    def per_item(self) -> float | None:
+        """Seconds per call measured so far (None before the first answer). Never blocks."""
+        return self.sizer.per_item
+
     def observe(self, secs: float, n: int) -> None:
-        # Collector thread: the calls of a finished chunk took ``secs``. Recent
-        # chunks count more (tasks may change), big ones more than small ones.
-        self.obs_secs = 0.5 * self.obs_secs + secs
-        self.obs_items = 0.5 * self.obs_items + n
-        self.per_item = self.obs_secs / max(self.obs_items, 1e-9)
+        """Collector thread: the calls of a finished chunk took ``secs``. Never blocks."""
+        self.sizer.timed(secs, n)
 
     def next_size(self) -> int:
-        if self.chunksize is not None:
-            size = self.chunksize
-        elif self.per_item is None:
-            size = 1  # probe: a long task must not take a big chunk with it
+        sizer = self.sizer
+        if sizer.fixed is None and sizer.per_item is None:
             if self.probes >= self.pool.nworkers and self.inflight and not self.waited:
                 # Every worker has a probe: give the first one a few ms to
                 # answer (once). Tiny tasks answer, and get big chunks at
@@ -146,27 +143,20 @@ class MapRun:
                 # items are right for it.
                 self.waited = True
                 first = self.inflight[0].future
-                end = time.monotonic() + _CHUNK_TARGET
-                while self.per_item is None and not first.done():
+                end = time.monotonic() + TARGET_S
+                while sizer.per_item is None and not first.done():
                     if self.pool.poll_replies():
                         continue
                     left = end - time.monotonic()
                     if left <= 0:
                         break
                     self._wait(left)
-                if self.per_item is not None:
+                if sizer.per_item is not None:
                     return self.next_size()
             self.probes += 1
-        else:
-            size = max(1, int(_CHUNK_TARGET / max(self.per_item, 1e-8)))
-            if self.total is not None:
-                # A one-item probe overstates the time per item of a tiny task
-                # (its first call is cold), and the window fills before a
-                # bigger chunk answers: grow each chunk, up to the cap, which
-                # alone keeps several chunks per worker.
-                size *= self.grow
-                self.grow *= 2
-            size = min(self.cap, size)
+        size = sizer.size()
+        if sizer.fixed is None and sizer.per_item is not None and self.total is not None:
+            sizer.behind()  # grow each timed chunk (see the module's header)
         if self.buffersize is not None:
             size = min(size, max(1, self.buffersize - self.items_inflight))
         return size
@@ -241,7 +231,7 @@ class MapRun:
         if per_item is None or self.chunksize is not None:
             return False
         items = self.items_inflight - sum(t.n for t in self.done)
-        return items * per_item < self.window * _CHUNK_TARGET
+        return items * per_item < self.window * TARGET_S
 
     def _take_done(self) -> int:
         # Move what finished meanwhile into self.done (this thread's); how many.
