@@ -283,13 +283,7 @@ class Channel(PayloadCodec):
                         p.release()
                         tag, payload, blob = self._to_blob(tag, payload, [])
                         continue
-                    try:
-                        p.wait()
-                    except BaseException:
-                        p.release()
-                        self._pass_on(W_SEND)
-                        raise
-                    p.release()
+                    self._park(p, W_SEND)
         except BaseException:
             if not staged:
                 self._release_unsent(tag, payload, blob)
@@ -488,18 +482,24 @@ class Channel(PayloadCodec):
                         # registering as a receiver: selects waiting to send
                         # on this unbuffered channel may proceed now
                         self._wake(wakes)
-                    try:
-                        p.wait()
-                    except BaseException:
-                        p.release()
-                        self._pass_on(W_RECV)
-                        raise
-                    p.release()
+                    self._park(p, W_RECV)
         if st == OK:
             if wakes:
                 self._wake(wakes)
             return self._decode(data, tag, blob)
         raise EndOfChannel("channel closed and drained")
+
+    def _park(self, p: Parking, kind: int) -> None:
+        # One parked wait on ``p``, then unregister so the caller re-checks
+        # and registers afresh. A waiter that leaves instead (timeout,
+        # cancel, interrupt) passes a wake-up it may have had on to another.
+        try:
+            p.wait()
+        except BaseException:
+            p.release()
+            self._pass_on(kind)
+            raise
+        p.release()
 
     def _pass_on(self, kind: int) -> None:
         wakes = self._core.wake_one(kind)

@@ -315,6 +315,15 @@ static inline void chan_unlock(ChanObject *c) { pthread_mutex_unlock(&c->h->mu);
         }                                                                  \
     } while (0)
 
+/* A fast-call method's arguments, checked: a TypeError naming its usage. */
+#define EXPECT_ARGS(ok, usage)                          \
+    do {                                                \
+        if (!(ok)) {                                    \
+            PyErr_SetString(PyExc_TypeError, (usage));  \
+            return NULL;                                \
+        }                                               \
+    } while (0)
+
 /* ---------------------------------------------------------------- waiters */
 
 typedef struct {
@@ -568,10 +577,7 @@ static int can_send(hdr_t *h, uint64_t token, int opflags) {
  * staging) to be woken when its ticket is taken. */
 static PyObject *Chan_send(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "send takes 6 arguments");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 6, "send takes 6 arguments");
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
     unsigned long tag = PyLong_AsUnsignedLong(args[1]);
@@ -617,10 +623,7 @@ static PyObject *Chan_send(ChanObject *c, PyObject *const *args, Py_ssize_t narg
  * Sends items[start:] in order until the channel is full. */
 static PyObject *Chan_send_many(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    if (nargs != 3 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "send_many(list, tag, start)");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 3 && PyList_Check(args[0]), "send_many(list, tag, start)");
     PyObject *lst = args[0];
     unsigned long tag = PyLong_AsUnsignedLong(args[1]);
     Py_ssize_t start = PyLong_AsSsize_t(args[2]);
@@ -694,10 +697,7 @@ static void take_record(ChanObject *c, uint64_t p, wakes_t *wk, uint32_t me) {
 /* recv(token, opflags, reg_key) -> (status, data, tag, blob, wakes) */
 static PyObject *Chan_recv(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "recv takes 3 arguments");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 3, "recv takes 3 arguments");
     unsigned long long token = PyLong_AsUnsignedLongLong(args[0]);
     long opflags = PyLong_AsLong(args[1]);
     unsigned long long reg = PyLong_AsUnsignedLongLong(args[2]);
@@ -747,10 +747,7 @@ static PyObject *Chan_recv(ChanObject *c, PyObject *const *args, Py_ssize_t narg
 /* recv_many(max) -> (status, [(data, tag, blob), ...], wakes) */
 static PyObject *Chan_recv_many(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    if (nargs != 1) {
-        PyErr_SetString(PyExc_TypeError, "recv_many(max)");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 1, "recv_many(max)");
     Py_ssize_t maxn = PyLong_AsSsize_t(args[0]);
     if (maxn == -1 && PyErr_Occurred()) return NULL;
     if (maxn < 1) maxn = 1;
@@ -876,10 +873,7 @@ static PyObject *Chan_consumed(ChanObject *c, PyObject *arg) {
  * callers park in bounded slices and re-check) */
 static PyObject *Chan_register(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "register(key, kind, token, ticket)");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 4, "register(key, kind, token, ticket)");
     unsigned long long key = PyLong_AsUnsignedLongLong(args[0]);
     long kind = PyLong_AsLong(args[1]);
     unsigned long long token = PyLong_AsUnsignedLongLong(args[2]);
@@ -940,10 +934,7 @@ static PyObject *Chan_close(ChanObject *c, PyObject *Py_UNUSED(a)) {
 /* Readiness without taking anything (select's first look). */
 static PyObject *Chan_ready(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "ready(kind, token)");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 2, "ready(kind, token)");
     long kind = PyLong_AsLong(args[0]);
     unsigned long long token = PyLong_AsUnsignedLongLong(args[1]);
     if (PyErr_Occurred()) return NULL;
@@ -1192,10 +1183,7 @@ static PyObject *Chan_transit(ChanObject *c, PyObject *arg) {
  * unlink generation old_gen if it is not 0, and call blob_set. */
 static PyObject *Chan_blob_acquire(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "blob_acquire(size, may_wait)");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 2, "blob_acquire(size, may_wait)");
     unsigned long long size = PyLong_AsUnsignedLongLong(args[0]);
     int may_wait = PyObject_IsTrue(args[1]);
     if (PyErr_Occurred()) return NULL;
@@ -1257,10 +1245,7 @@ static PyObject *Chan_blob_acquire(ChanObject *c, PyObject *const *args, Py_ssiz
 
 static PyObject *Chan_blob_set(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "blob_set(slot, size)");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 2, "blob_set(slot, size)");
     long slot = PyLong_AsLong(args[0]);
     unsigned long long size = PyLong_AsUnsignedLongLong(args[1]);
     if (PyErr_Occurred()) return NULL;
@@ -1277,10 +1262,7 @@ static PyObject *Chan_blob_set(ChanObject *c, PyObject *const *args, Py_ssize_t 
 /* blob_release(slot, drop): the slot is free again (drop: its segment is gone) */
 static PyObject *Chan_blob_release(ChanObject *c, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(c);
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "blob_release(slot, drop)");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 2, "blob_release(slot, drop)");
     long slot = PyLong_AsLong(args[0]);
     int drop = PyObject_IsTrue(args[1]);
     if (PyErr_Occurred()) return NULL;
@@ -1568,10 +1550,7 @@ static PyTypeObject ChunkIterType = {
  * this process keep it for a whole switch interval (5 ms) before this one
  * runs again.  ``addr`` is the address as bytes (a leading NUL: abstract). */
 static PyObject *core_dgram_wake(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "dgram_wake(fd, addr)");
-        return NULL;
-    }
+    EXPECT_ARGS(nargs == 2, "dgram_wake(fd, addr)");
     int fd = (int)PyLong_AsLong(args[0]);
     if (fd == -1 && PyErr_Occurred()) return NULL;
     char *a;

@@ -7,9 +7,11 @@ and one documented meaning each (layer 0).
                 automatic (``Chunker``: one rule for a pool's map and a
                 stream's feeder, each giving it the signal it has)
     retries     extra runs of a task (a pool call, a map or stream item) that
-                failed -- its call raised, it ran past its timeout, or its
-                worker died running it -- then the last failure stands; an
-                int >= 0. What cannot be pickled is not run again.
+                failed -- its call raised (an exception or sys.exit(); a
+                KeyboardInterrupt is a stop, not run again), it ran past its
+                timeout, or its worker died running it -- then the last
+                failure stands; an int >= 0. What cannot be pickled is not
+                run again. Items run through one runner, _worker.call_again.
     timeout     seconds one call may take, a number > 0 or None: past it the
                 task fails with TaskTimeout (a pool kills and replaces the
                 worker: ``task_timeout``; a stage interrupts the call)

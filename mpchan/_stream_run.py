@@ -89,23 +89,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import _metrics
+from . import _stream_wire as wire
 from ._channel import Channel
 from ._context import CancelFunc, Context, background, with_cancel
 from ._errors import Cancelled, ChannelClosed, EndOfChannel, WorkerCrashed, WouldBlock
 from ._go import GoHandle, go
 from ._policy import Chunker
-from ._stream_wire import (
-    Guard,
-    ItemError,
-    Journal,
-    Message,
-    Resume,
-    Stage,
-    fatal_of,
-    index_at,
-    item_error,
-    take_journal,
-)
 from ._stream_worker import stage_main
 from ._sync import WaitGroup
 
@@ -120,7 +109,7 @@ _MAX_FAILURES = 100  # failed items kept per stage with on_error="skip"
 _run_ids = itertools.count(1)  # the "stream" label of the metrics
 
 
-def empty_stats(index: int, stage: Stage) -> dict[str, Any]:
+def empty_stats(index: int, stage: wire.Stage) -> dict[str, Any]:
     """The counters of stage ``index`` before any of its workers reported."""
     return {
         "stage": index,
@@ -142,7 +131,7 @@ class _Slot:
 
     __slots__ = ("guard", "handle", "stage")
 
-    def __init__(self, stage: int, guard: Guard | None) -> None:
+    def __init__(self, stage: int, guard: wire.Guard | None) -> None:
         self.stage = stage
         self.guard = guard
         self.handle: GoHandle[dict[str, Any]] | None = None
@@ -162,7 +151,7 @@ class Run:
         source: Iterable[Any],
         ctx: Context | None,
         chunksize: int | None,
-        stages: tuple[Stage, ...],
+        stages: tuple[wire.Stage, ...],
         *,
         trace: bool = False,
     ) -> None:
@@ -176,8 +165,8 @@ class Run:
         self._cancel: Callable[[Any], None] = cancel
         self._worker_cancel: CancelFunc | None = cancel  # what stage workers call
         self.closed = False
-        self.failures: list[ItemError] = []  # skipped items, as delivered
-        self.failure: ItemError | None = None  # the failed item that ended the run
+        self.failures: list[wire.ItemError] = []  # skipped items, as delivered
+        self.failure: wire.ItemError | None = None  # the failed item that ended the run
         self.crash_error: BaseException | None = None  # a death that ended it
         self.source_error: BaseException | None = None
         self._cond = threading.Condition()
@@ -208,7 +197,7 @@ class Run:
                 wg.add(stage.workers)
                 self.wgs.append(wg)
                 for _ in range(stage.workers):
-                    guard = Guard(Channel(1), WaitGroup()) if stage.fn is not None else None
+                    guard = wire.Guard(Channel(1), WaitGroup()) if stage.fn is not None else None
                     self.slots.append(_Slot(i, guard))
                     self._start(len(self.slots) - 1, None)
         except BaseException:
@@ -223,7 +212,7 @@ class Run:
         next item or channel operation. Never blocks."""
         self._cancel(cause)
 
-    def _start(self, k: int, resume: Resume | None) -> None:
+    def _start(self, k: int, resume: wire.Resume | None) -> None:
         slot = self.slots[k]
         i = slot.stage
         assert self._worker_cancel is not None, "started after close"
@@ -337,8 +326,8 @@ class Run:
         """
         out = self.chans[-1]
         ctx = self.ctx
-        pending: dict[int, Message] = {}
-        tails: list[Message] = []
+        pending: dict[int, wire.Message] = {}
+        tails: list[wire.Message] = []
         next_seq = 0
         ended = False
         stopped = False  # a fatal failure was delivered: the run ends there
@@ -346,7 +335,7 @@ class Run:
             if self._ended:
                 self._tend()
             try:
-                msg: Message = out.recv(timeout=_POLL_S, ctx=ctx)
+                msg: wire.Message = out.recv(timeout=_POLL_S, ctx=ctx)
             except TimeoutError:
                 if ctx.draining:
                     # The feeder may be stuck inside the source (a read from a
@@ -371,7 +360,8 @@ class Run:
             if seq is None:
                 tails.append(msg)
                 continue
-            if fatal_of(failed) is not None and (self._fail_seq is None or seq < self._fail_seq):
+            fatal = wire.fatal_of(failed) is not None
+            if fatal and (self._fail_seq is None or seq < self._fail_seq):
                 # the run ends at this chunk: no more input; the chunks
                 # before it are all in flight (they were fed first)
                 self._fail_seq = seq
@@ -397,7 +387,7 @@ class Run:
                     break
         self.close()
 
-    def _account(self, failed: list[ItemError]) -> bool:
+    def _account(self, failed: list[wire.ItemError]) -> bool:
         """Count delivered failures; True at a fatal one (the first one seen is
         the run's failure)."""
         for r in failed:
@@ -444,10 +434,10 @@ class Run:
         assert slot.handle is not None
         pid = slot.handle.pid
         self._replaced.add(pid)
-        record: Journal | None = None
+        record: wire.Journal | None = None
         started = 0
         if slot.guard is not None:
-            record = take_journal(slot.guard.journal)
+            record = wire.take_journal(slot.guard.journal)
             started = slot.guard.progress.count
         if record is None or not 1 <= started <= len(record[2]):
             # not in an item: nothing to blame, and results may be on their way
@@ -458,12 +448,12 @@ class Run:
         pos = started - 1
         spent = list(spent) if spent else [0] * len(items)
         spent[pos] += 1  # its worker died running it: a failed call
-        crash: ItemError | None = None
+        crash: wire.ItemError | None = None
         if spent[pos] > stage.retries:
-            crash = item_error(
+            crash = wire.item_error(
                 _crashed(stage, pid, exc, ""),
                 i,
-                index_at(idx, pos),
+                wire.index_at(idx, pos),
                 items[pos],
                 fatal=stage.on_error == "fail",
                 pid=pid,
@@ -638,7 +628,7 @@ def _pairs(idx: Any, items: list[Any]) -> Iterator[tuple[int | None, Any]]:
     return zip(itertools.count(idx) if type(idx) is int else idx, items)  # noqa: B905
 
 
-def _crashed(stage: Stage, pid: int, exc: WorkerCrashed, when: str) -> WorkerCrashed:
+def _crashed(stage: wire.Stage, pid: int, exc: WorkerCrashed, when: str) -> WorkerCrashed:
     """The error of a stage worker's death, told in the stage's terms."""
     if exc.signal:
         how = f"was killed by {exc.signal}"

@@ -59,8 +59,11 @@ Ownership:
       else of its :class:`~mpchan._stream_wire.Guard`;
     - it never closes its input; it closes its output only as the last
       worker of its stage to finish (``wg.count == 0``);
-    - ``_Alarm`` owns SIGALRM and the real-time interval timer for the
-      length of one call with a timeout (stages run in the main thread).
+    - ``_worker.Alarm`` owns SIGALRM and the real-time interval timer for
+      the length of one call with a timeout (stages run in the main thread).
+
+Items run through ``_worker.call_again``, the per-item retry runner a
+pool's map items use too (``retries`` and ``timeout``: see ``_policy``).
 """
 
 from __future__ import annotations
@@ -68,7 +71,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import signal
 import time
 from typing import Any
 
@@ -81,7 +83,6 @@ from ._errors import (
     EndOfChannel,
     PicklingError,
     SerializationError,
-    TaskTimeout,
     WouldBlock,
 )
 from ._stream_wire import (
@@ -98,29 +99,11 @@ from ._stream_wire import (
     item_error,
 )
 from ._sync import WaitGroup
+from ._worker import call_again
 
 __all__ = ["stage_main"]
 
 _TRACE_LIMIT = 500_000  # trace events kept per worker (about 100 bytes each)
-
-
-class _Alarm:
-    """Raise TaskTimeout in this (main) thread after ``seconds`` (SIGALRM)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.old: Any = None
-
-    def __enter__(self) -> None:
-        def fire(_signum: int, _frame: Any) -> None:
-            raise TaskTimeout(f"task ran past its time limit of {self.seconds} s")
-
-        self.old = signal.signal(signal.SIGALRM, fire)
-        signal.setitimer(signal.ITIMER_REAL, self.seconds)
-
-    def __exit__(self, *exc: object) -> None:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, self.old)
 
 
 class _Held:
@@ -161,27 +144,14 @@ class _Held:
             self.started = 0
 
 
-def _call(stage: Stage, item: Any, spent: int, held: _Held | None, pos: int) -> Any:
-    """``stage.fn(item)``, called again after an exception while the item's
-    ``retries`` allow (``spent`` failed calls were made before)."""
-    fn = stage.fn
-    assert fn is not None
-    materialize = stage.kind == "flat_map"
-    attempt = spent
-    while True:
-        try:
-            if stage.timeout is None:
-                value = fn(item)
-                return list(value) if materialize else value
-            with _Alarm(stage.timeout):
-                value = fn(item)
-                return list(value) if materialize else value
-        except (Exception, SystemExit):
-            if attempt >= stage.retries:
-                raise
-            attempt += 1
-            if held is not None:
-                held.spend(pos, attempt)
+def _listed(fn: Any) -> Any:
+    """``fn`` whose iterable result is read to a list inside the call (a
+    flat_map item that fails half-way is retried and timed as one call)."""
+
+    def listed(item: Any) -> list[Any]:
+        return list(fn(item))
+
+    return listed
 
 
 class _Recorder:
@@ -257,6 +227,9 @@ def stage_main(
     }
     kind = stage.kind
     skip = stage.on_error == "skip"
+    call: Any = _listed(stage.fn) if kind == "flat_map" else stage.fn
+    retries, timeout = stage.retries, stage.timeout
+    on_retry = held.spend if held is not None else None
     failed_at: int | None = None  # seq of the first chunk this worker failed
     pending: dict[int, tuple[list[Any], list[ItemError] | None]] = {}  # batch, ordered
     tails: list[list[Any]] = []
@@ -345,7 +318,15 @@ def stage_main(
                 held.start_item()
             started = 0.0 if rec is None else clock()
             try:
-                value = _call(stage, item, spent[j] if spent else 0, held, j)
+                value = call_again(
+                    call,
+                    item,
+                    retries,
+                    spent=spent[j] if spent else 0,
+                    timeout=timeout,
+                    on_retry=on_retry,
+                    key=j,
+                )
             except (Exception, SystemExit) as exc:
                 error = item_error(exc, index, index_at(idx, j), item, fatal=not skip)
                 if rec is not None:

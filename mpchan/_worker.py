@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ORPHANED_EXITCODE",
     "QUIT",
+    "RETRIED",
+    "Alarm",
+    "call_again",
     "decode_reply",
     "describe_callable",
     "encode_failure",
@@ -63,6 +66,7 @@ __all__ = [
     "leave",
     "release_shared_memory",
     "run_call",
+    "runs_again",
     "take_boot",
     "worker_main",
 ]
@@ -93,6 +97,7 @@ class _Failure(NamedTuple):
     message: str
     traceback: str
     stage: str  # "" for an exception raised by fn; else what failed
+    retry: bool = True  # a failure a retry runs again (``RETRIED``)
 
 
 # ---------------------------------------------------------------------------
@@ -333,6 +338,82 @@ def run_call(payload: memoryview, fn: Any = None) -> bytes:
     return RESULT + data
 
 
+# What a retry runs again: an exception the call raised, sys.exit() in it
+# included; not a KeyboardInterrupt or GeneratorExit (a stop, not a failure).
+RETRIED = (Exception, SystemExit)
+
+
+class Alarm:
+    """Raise ``TaskTimeout`` in this (main) thread after ``seconds`` (SIGALRM).
+
+    Owns SIGALRM and the real-time interval timer while entered, and gives
+    both back on exit. Blocks: never. Process safety: the main thread only.
+    """
+
+    __slots__ = ("old", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        """An alarm of ``seconds``, not yet set; never blocks."""
+        self.seconds = seconds
+        self.old: Any = None
+
+    def __enter__(self) -> None:
+        """Set the alarm. Never blocks."""
+        seconds = self.seconds
+
+        def fire(_signum: int, _frame: Any) -> None:
+            from ._errors import TaskTimeout
+
+            raise TaskTimeout(f"task ran past its time limit of {seconds} s")
+
+        self.old = signal.signal(signal.SIGALRM, fire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        """Clear the alarm and restore the old handler. Never blocks."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+def call_again(
+    fn: Callable[..., Any],
+    item: Any,
+    retries: int,
+    *,
+    star: bool = False,
+    spent: int = 0,
+    timeout: float | None = None,
+    on_retry: Callable[[int, int], None] | None = None,
+    key: int = 0,
+) -> Any:
+    """``fn(item)`` (``fn(*item)`` with ``star``), called again after a
+    failure (``RETRIED``) while ``retries`` allow: the one per-item retry
+    runner of a pool's map items and a stream stage's items (see
+    ``_policy``). ``spent`` failed calls were made before (an item taken
+    over from a worker that died); ``on_retry(key, failed_calls)`` is told
+    of each failure that is run again. With ``timeout`` each call runs under
+    an :class:`Alarm` (a stage: ``TaskTimeout`` counts as a failure). The
+    last failure propagates.
+
+    Blocks: for the calls. Cancellation: none here (the worker is killed to
+    stop it). Process safety: the worker's main thread when ``timeout`` is
+    set (SIGALRM), any thread otherwise.
+    """
+    attempt = spent
+    while True:
+        try:
+            if timeout is None:
+                return fn(*item) if star else fn(item)
+            with Alarm(timeout):
+                return fn(*item) if star else fn(item)
+        except RETRIED:
+            if attempt >= retries:
+                raise
+            attempt += 1
+            if on_retry is not None:
+                on_retry(key, attempt)
+
+
 def _dumps(obj: Any) -> bytes:
     from ._codec import pickle_value
 
@@ -369,8 +450,18 @@ def encode_failure(exc: BaseException, stage: str, skip_frames: int = 0) -> byte
         message=_safe_str(exc),
         traceback=tb_text,
         stage=stage,
+        retry=not stage and isinstance(exc, RETRIED),
     )
     return pickle.dumps(tuple(failure), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def runs_again(body: bytes | memoryview) -> bool:
+    """Whether the failure in a ``RAISED`` reply's ``body`` is one a retry
+    runs again (``RETRIED``: not a KeyboardInterrupt). Never blocks."""
+    try:
+        return _Failure(*pickle.loads(body)).retry
+    except Exception:
+        return False
 
 
 def _safe_str(obj: object) -> str:

@@ -380,24 +380,7 @@ def _write_trace(
     metavar="P",
     help="Serve Prometheus metrics on http://127.0.0.1:P/metrics (0: a free port).",
 )
-def run(
-    funcs: tuple[str, ...],
-    input_file: str | None,
-    jsonl: bool,
-    range_text: str | None,
-    output_file: str | None,
-    workers: int | None,
-    ordered: bool,
-    chunksize: int | None,
-    timeout: float | None,
-    retries: int,
-    on_error: str,
-    show_traceback: bool,
-    progress: bool | None,
-    start_method: str | None,
-    trace_file: str | None,
-    metrics_port: int | None,
-) -> None:
+def run(**options: Any) -> None:
     """Apply MODULE:FUNC to every input item in parallel; several form a pipeline.
 
     FUNC@N runs that stage in N worker processes. MODULE is imported with
@@ -415,59 +398,46 @@ def run(
     (their results are written); a second one stops at once.
     """
     try:
-        status = _run(
-            funcs,
-            input_file,
-            jsonl,
-            range_text,
-            output_file,
-            workers,
-            ordered,
-            chunksize,
-            timeout,
-            retries,
-            on_error,
-            progress,
-            start_method,
-            trace_file,
-            metrics_port,
-            show_traceback,
-        )
+        status = _run(_RunOptions(**options))
     except _BadUsage as exc:
         click.echo(f"mpchan run: error: {exc}", err=True)
         status = 2
     sys.exit(status)
 
 
-def _run(
-    funcs: tuple[str, ...],
-    input_file: str | None,
-    jsonl: bool,
-    range_text: str | None,
-    output_file: str | None,
-    workers: int | None,
-    ordered: bool,
-    chunksize: int | None,
-    timeout: float | None,
-    retries: int,
-    on_error: str,
-    progress: bool | None,
-    start_method: str | None,
-    trace_file: str | None = None,
-    metrics_port: int | None = None,
-    show_traceback: bool = False,
-) -> int:
+class _RunOptions(NamedTuple):
+    """The options of one ``mpchan run``, as click parsed them."""
+
+    funcs: tuple[str, ...]
+    input_file: str | None
+    jsonl: bool
+    range_text: str | None
+    output_file: str | None
+    workers: int | None
+    ordered: bool
+    chunksize: int | None
+    timeout: float | None
+    retries: int
+    on_error: str
+    progress: bool | None
+    start_method: str | None
+    trace_file: str | None
+    metrics_port: int | None
+    show_traceback: bool
+
+
+def _run(o: _RunOptions) -> int:
     cwd = os.getcwd()
     if not sys.path or sys.path[0] != cwd:
         sys.path.insert(0, cwd)
     # worker processes import MODULE too, whatever their start method
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, os.environ.get("PYTHONPATH")]))
-    default_workers = workers or os.cpu_count() or 1
-    stages = [_resolve(spec, default_workers) for spec in funcs]
-    if range_text is not None and input_file is not None:
+    default_workers = o.workers or os.cpu_count() or 1
+    stages = [_resolve(spec, default_workers) for spec in o.funcs]
+    if o.range_text is not None and o.input_file is not None:
         raise _BadUsage("give either --range or --input, not both")
-    if metrics_port is not None and not 0 <= metrics_port <= 65535:
-        raise _BadUsage(f"--metrics-port {metrics_port}: expected a port number from 0 to 65535")
+    if o.metrics_port is not None and not 0 <= o.metrics_port <= 65535:
+        raise _BadUsage(f"--metrics-port {o.metrics_port}: expected a port number from 0 to 65535")
 
     import mpchan
     from mpchan import _stream  # what a run shows beyond iteration: indexes, failures, traces
@@ -475,27 +445,27 @@ def _run(
     source: Any
     total: int | None = None
     in_fd: int | None = None  # --input FILE, opened here (stdin is never closed)
-    if range_text is not None:
-        source = _parse_range(range_text)
+    if o.range_text is not None:
+        source = _parse_range(o.range_text)
         total = len(source)
-    elif input_file is None or input_file == "-":
-        source = _Lines(0, "<stdin>", jsonl)
+    elif o.input_file is None or o.input_file == "-":
+        source = _Lines(0, "<stdin>", o.jsonl)
     else:
         try:
-            in_fd = os.open(input_file, os.O_RDONLY)
+            in_fd = os.open(o.input_file, os.O_RDONLY)
         except OSError as exc:
-            raise _BadUsage(f"cannot read {input_file}: {exc.strerror or exc}") from None
-        source = _Lines(in_fd, input_file, jsonl)
+            raise _BadUsage(f"cannot read {o.input_file}: {exc.strerror or exc}") from None
+        source = _Lines(in_fd, o.input_file, o.jsonl)
     out_fh: IO[str] = sys.stdout
-    if output_file is not None and output_file != "-":
+    if o.output_file is not None and o.output_file != "-":
         try:
-            out_fh = open(output_file, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+            out_fh = open(o.output_file, "w", encoding="utf-8")  # noqa: SIM115 - closed below
         except OSError as exc:
-            raise _BadUsage(f"cannot write {output_file}: {exc.strerror or exc}") from None
+            raise _BadUsage(f"cannot write {o.output_file}: {exc.strerror or exc}") from None
     trace_fh: IO[str] | None = None
     try:
-        trace_fh = _open_trace(trace_file)
-        _use_supervisor(start_method, metrics_port)
+        trace_fh = _open_trace(o.trace_file)
+        _use_supervisor(o.start_method, o.metrics_port)
     except BaseException:
         if in_fd is not None:
             os.close(in_fd)
@@ -520,19 +490,19 @@ def _run(
         return text
 
     def job(ctx: Any) -> None:
-        s = mpchan.stream(source, ctx=ctx, chunksize=chunksize, _trace=trace_fh is not None)
+        s = mpchan.stream(source, ctx=ctx, chunksize=o.chunksize, _trace=trace_fh is not None)
         last = len(stages) - 1
         for i, (_label, fn, n) in enumerate(stages):
             s = s.map(
                 fn,
                 workers=n,
-                ordered=ordered and i == last,
-                on_error=on_error,  # type: ignore[arg-type]
-                retries=retries,
-                timeout=timeout,
+                ordered=o.ordered and i == last,
+                on_error=o.on_error,  # type: ignore[arg-type]
+                retries=o.retries,
+                timeout=o.timeout,
             )
-        bar = _progress_bar(progress, total)
-        writer = _Writer(out_fh, jsonl, bar)
+        bar = _progress_bar(o.progress, total)
+        writer = _Writer(out_fh, o.jsonl, bar)
         unwritten: list[_Failure] = []  # results skipped because they cannot be written
         results = _stream.indexed_results(s)
         try:
@@ -541,7 +511,7 @@ def _run(
                 if problem is None:
                     continue
                 failure = _Failure(index, None, problem)
-                if on_error != "skip":
+                if o.on_error != "skip":
                     outcome["failure"] = failure
                     break
                 unwritten.append(failure)
@@ -580,7 +550,7 @@ def _run(
         if ended is not None:
             named = where(ended.item, ended.stage) + ": " if ended.item is not None else ""
             click.echo(f"mpchan run: error: {named}{ended.error}", err=True)
-            if show_traceback and ended.traceback:
+            if o.show_traceback and ended.traceback:
                 click.echo(ended.traceback.rstrip("\n"), err=True)
         elif ctx.draining and ctx.err() is None:
             click.echo(
@@ -602,7 +572,7 @@ def _run(
         mpchan.shutdown()
         if trace_fh is not None:
             traced = _write_trace(
-                trace_fh, str(trace_file), outcome.get("trace", []), labels, start
+                trace_fh, str(o.trace_file), outcome.get("trace", []), labels, start
             )
     if trace_fh is not None and not traced and status == 0:
         status = 1

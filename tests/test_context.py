@@ -14,6 +14,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
+from scripts.procs import own_supervisor
 
 import mpchan
 from mpchan import _supervisor
@@ -37,13 +38,8 @@ def _collect_cycles() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def sup() -> Iterator[_supervisor.Supervisor]:
     """The program's supervisor for the cross-process tests of this module."""
-    supervisor = _supervisor.Supervisor()
-    previous = _supervisor.set_supervisor(supervisor)
-    try:
+    with own_supervisor() as supervisor:
         yield supervisor
-    finally:
-        supervisor.shutdown(timeout=2)
-        _supervisor.set_supervisor(previous)
 
 
 def start_thread(fn: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:

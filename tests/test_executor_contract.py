@@ -48,6 +48,7 @@ from typing import Any
 
 import psutil
 import pytest
+from scripts.procs import wait_until
 
 import mpchan
 from mpchan import SerializationError, WorkerCrashed
@@ -221,16 +222,6 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
-    # Only for what no event announces (another process going away).
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def worker_pids(pool: mpchan.Pool) -> set[int]:

@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
-import psutil
 import pytest
 from scripts import gate
+from scripts.procs import gone, own_supervisor, wait_until
 
 from mpchan import _go, _supervisor
 from mpchan._errors import RemoteError, SerializationError, ShutdownError, WorkerCrashed
@@ -37,13 +36,8 @@ def sup(
     Requests the leak check so that it is torn down after this fixture's
     shutdown, whatever mpchan's facade exposes.
     """
-    supervisor = _supervisor.Supervisor(request.param)
-    previous = _supervisor.set_supervisor(supervisor)
-    try:
+    with own_supervisor(request.param) as supervisor:
         yield supervisor
-    finally:
-        supervisor.shutdown(timeout=2)
-        _supervisor.set_supervisor(previous)
 
 
 @pytest.fixture
@@ -53,23 +47,6 @@ def g() -> Iterator[gate.Gate]:
         yield rendezvous
     finally:
         rendezvous.close()
-
-
-def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
-    """Poll a condition that has no event to wait on (another process's death)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 # -- functions run in workers --------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
+from scripts.procs import own_supervisor
 
 import mpchan
 from mpchan import _supervisor
@@ -24,13 +25,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 @pytest.fixture(scope="module", autouse=True)
 def sup() -> Iterator[_supervisor.Supervisor]:
     """The program's supervisor for this module, stopped at its end."""
-    supervisor = _supervisor.Supervisor()
-    previous = _supervisor.set_supervisor(supervisor)
-    try:
+    with own_supervisor() as supervisor:
         yield supervisor
-    finally:
-        supervisor.shutdown(timeout=2)
-        _supervisor.set_supervisor(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
+from scripts.procs import wait_until
 
 from mpchan import _lifecycle
 from mpchan._compat import SHM_DIR
@@ -36,16 +36,6 @@ def _run_program(code: str, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=50,
         env=_env(),
     )
-
-
-def _wait_until(pred: Callable[[], bool], timeout: float) -> bool:
-    """Poll a condition that has no event to wait on (other processes' deaths, files)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # -- at exit ----------------------------------------------------------------------------
@@ -214,8 +204,8 @@ def test_a_program_that_ends_normally_leaves_nothing(method: str) -> None:
     assert rest == ["finished at exit"]
     info = json.loads(first)
     assert len(info["pids"]) >= 3  # two pool workers and a goroutine's worker at least
-    assert _wait_until(lambda: not any(_alive(p) for p in info["pids"]), 10), [
+    assert wait_until(lambda: not any(_alive(p) for p in info["pids"]), 10), [
         p for p in info["pids"] if _alive(p)
     ]
     prefix = f"mpchan-{info['token']}-"
-    assert _wait_until(lambda: not [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)], 10)
+    assert wait_until(lambda: not [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)], 10)

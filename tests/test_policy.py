@@ -18,7 +18,7 @@ def inc(x: int) -> int:
     ("value", "error"), [(True, TypeError), (1.0, TypeError), ("2", TypeError), (0, ValueError)]
 )
 def test_count_refuses_in_one_line(value: object, error: type[Exception]) -> None:
-    with pytest.raises(error, match="^workers must") as info:
+    with pytest.raises(error, match=r"^workers must") as info:
         count("workers", value, 1)
     assert "\n" not in str(info.value)
 
@@ -27,7 +27,7 @@ def test_positive_refuses_nan_zero_and_bools() -> None:
     assert positive("timeout", None) is None
     assert positive("timeout", 0.5) == 0.5
     for bad in (0, -1, float("nan")):
-        with pytest.raises(ValueError, match="^timeout must be > 0"):
+        with pytest.raises(ValueError, match=r"^timeout must be > 0"):
             positive("timeout", bad)
     with pytest.raises(TypeError):
         positive("timeout", True)

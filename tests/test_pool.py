@@ -18,6 +18,7 @@ from typing import Any
 import cloudpickle
 import psutil
 import pytest
+from scripts.procs import wait_until
 
 import mpchan
 from mpchan._errors import Cancelled, ShutdownError, WorkerCrashed
@@ -74,15 +75,6 @@ def init_count(_: Any = None) -> tuple[int, int]:
 
 def init_fails() -> None:
     raise OSError("no database")
-
-
-def wait_until(pred: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])

@@ -118,3 +118,38 @@ def test_a_retried_call_keeps_its_future_running_and_other_work_goes_on(tmp_path
         assert flaky.result(timeout=WAIT) == "ok f"
         assert all(isinstance(f.result(timeout=WAIT), int) for f in others)
         assert calls_of(log, "f") == 4
+
+
+def interrupt(log: str, key: object) -> None:
+    _calls(Path(log), key)
+    raise KeyboardInterrupt(f"stop {key}")
+
+
+def test_a_keyboard_interrupt_is_a_stop_not_run_again(tmp_path: Path) -> None:
+    # The same meaning for a single call (queued again by the parent) and
+    # for a map item (called again in its worker): an exception or
+    # sys.exit() runs again, a KeyboardInterrupt does not.
+    log = tmp_path / "calls"
+    with Pool(2, retries=2) as p:
+        exc = p.submit(interrupt, str(log), "call").exception(timeout=WAIT)
+        assert isinstance(exc, KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            list(p.map(interrupt, [str(log)], ["item"], timeout=WAIT))
+        assert p.stats()["retried"] == 0
+    assert calls_of(log, "call") == 1
+    assert calls_of(log, "item") == 1
+
+
+def exits_first(log: str, key: object) -> str:
+    if _calls(Path(log), key) == 1:
+        sys.exit(3)
+    return f"ok {key}"
+
+
+def test_sys_exit_in_a_call_runs_again(tmp_path: Path) -> None:
+    log = tmp_path / "calls"
+    with Pool(2, retries=1) as p:
+        assert p.submit(exits_first, str(log), "call").result(timeout=WAIT) == "ok call"
+        assert list(p.map(exits_first, [str(log)], ["item"], timeout=WAIT)) == ["ok item"]
+    assert calls_of(log, "call") == 2
+    assert calls_of(log, "item") == 2

@@ -9,17 +9,16 @@ unhandled exception.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from scripts.procs import gone, start_json_program
 
 from mpchan._compat import SHM_DIR
 
@@ -28,34 +27,12 @@ SCRIPT = Path(__file__).parent / "scripts" / "program_kill.py"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def session_files(token: str) -> list[str]:
     return sorted(f for f in os.listdir(SHM_DIR) if f.startswith(f"mpchan-{token}-"))
 
 
 def start_program(method: str, mode: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    env.pop("MPCHAN_SESSION", None)  # the program is a root of its own
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), method, mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(timeout=30)
-        assert proc.stderr is not None
-        pytest.fail(f"program_kill.py printed nothing; stderr:\n{proc.stderr.read()}")
-    return proc, json.loads(line)
+    return start_json_program(SCRIPT, method, mode, own_session=True)
 
 
 def assert_nothing_left(info: dict[str, Any], died_at: float) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,9 +14,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import cloudpickle
-import psutil
 import pytest
 from scripts import gate
+from scripts.procs import gone, start_json_program, wait_until
 
 from mpchan import _go, _supervisor, _worker
 from mpchan._errors import ShutdownError, WorkerCrashed
@@ -28,23 +27,6 @@ cloudpickle.register_pickle_by_value(gate)
 METHODS = ["spawn", "forkserver", "fork"]
 SCRIPTS = Path(__file__).parent / "scripts"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
-    """Poll a condition that has no event to wait on (another process's death)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def getpid() -> int:
@@ -211,22 +193,7 @@ def test_module_shutdown_without_supervisor_is_a_no_op() -> None:
 def _run_target(
     method: str, mode: str, **popen: Any
 ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "kill_target.py"), method, mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        **popen,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(timeout=30)
-        assert proc.stderr is not None
-        pytest.fail(f"kill_target.py printed no pids; stderr:\n{proc.stderr.read()}")
-    return proc, json.loads(line)
+    return start_json_program(SCRIPTS / "kill_target.py", method, mode, **popen)
 
 
 def _assert_all_gone(pids: list[int], within: float = 1.0) -> None:

@@ -56,7 +56,7 @@ from .._errors import (
     TaskTimeout,
     WorkerCrashed,
 )
-from .._worker import RAISED, RESULT, decode_reply
+from .._worker import RAISED, RESULT, decode_reply, runs_again
 from .core import DEPTH_MAX, QUEUE_TARGET, TASK_CAPACITY, PoolCore, State, take_all
 from .task import Slot, Task, copy_error, drop_local_tracebacks
 from .worker import CALL, INIT_FAILED, READY, RES_HDR, RETIRING, WAKE
@@ -278,7 +278,7 @@ class Collector:
             with contextlib.suppress(InvalidStateError):
                 fut.set_result(None)
             return
-        if reply[0] == _E and task.kind == CALL and task.retries > 0:
+        if reply[0] == _E and task.kind == CALL and task.retries > 0 and runs_again(reply[1:]):
             # The call raised and may run again (a chunk's items are called
             # again in the worker itself: see _pool.worker).
             release_unread(reply[1:])

@@ -213,37 +213,31 @@ class PoolFuture(Future[T]):
 
     def set_result(self, result: T) -> None:
         """As the base class (called by the pool)."""
-        with _lazy:
-            if self._cond is None:
-                done = self._state in _DONE
-                if not done:
-                    self._result = result
-                    self._state = FINISHED
-                    self._task = self._pool = None
-                    return  # no Condition: no waiter and no callback
-            else:
-                done = False
-        if done:
-            raise InvalidStateError(f"{self._state}: {self!r}")
-        self._task = self._pool = None
-        super().set_result(result)
+        if not self._finish_unwatched("_result", result):
+            super().set_result(result)
 
     def set_exception(self, exception: BaseException | None) -> None:
         """As the base class (called by the pool)."""
+        if not self._finish_unwatched("_exception", exception):
+            super().set_exception(exception)
+
+    def _finish_unwatched(self, field: str, value: object) -> bool:
+        # Finish a future nobody watches yet (no Condition: no waiter and no
+        # callback) without the base class: True. False: the base class must
+        # (it raises InvalidStateError itself for a done future).
         with _lazy:
+            done = False
             if self._cond is None:
                 done = self._state in _DONE
                 if not done:
-                    self._exception = exception
+                    setattr(self, field, value)
                     self._state = FINISHED
                     self._task = self._pool = None
-                    return
-            else:
-                done = False
-        if done:
+                    return True
+        if done:  # raised outside the lock: the repr reads the state
             raise InvalidStateError(f"{self._state}: {self!r}")
         self._task = self._pool = None
-        super().set_exception(exception)
+        return False
 
     @property
     def state(self) -> str:

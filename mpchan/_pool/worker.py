@@ -54,7 +54,16 @@ from typing import TYPE_CHECKING, Any
 
 from .._codec import pickle_value
 from .._errors import EndOfChannel
-from .._worker import BROKEN, RAISED, RESULT, encode_failure, leave, run_call, take_boot
+from .._worker import (
+    BROKEN,
+    RAISED,
+    RESULT,
+    call_again,
+    encode_failure,
+    leave,
+    run_call,
+    take_boot,
+)
 
 if TYPE_CHECKING:
     from .._channel import Channel
@@ -199,7 +208,7 @@ def _run(kind: int, payload: memoryview, by_key: Any, retries: int) -> tuple[byt
         if retries:
             star = kind != CHUNK1
             for x in items:
-                values.append(_call_again(fn, x, star, retries))
+                values.append(call_again(fn, x, retries, star=star))
         elif kind == CHUNK1:
             # list.extend keeps what it appended before an exception.
             values.extend(map(fn, items))
@@ -213,18 +222,6 @@ def _run(kind: int, payload: memoryview, by_key: Any, retries: int) -> tuple[byt
         return RESULT + pickle_value((values, failure)), elapsed
     except BaseException as e:
         return BROKEN + encode_failure(e, "pickling the result"), elapsed
-
-
-def _call_again(fn: Any, item: Any, star: bool, retries: int) -> Any:
-    # fn(item) (or fn(*item)), called again after an exception while
-    # ``retries`` allow; the last exception propagates.
-    for attempt in range(retries + 1):
-        try:
-            return fn(*item) if star else fn(item)
-        except BaseException:
-            if attempt == retries:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
