@@ -99,7 +99,7 @@ from ._stream_wire import (
     item_error,
 )
 from ._sync import WaitGroup
-from ._worker import call_again
+from ._worker import RETRIED, call_again
 
 __all__ = ["stage_main"]
 
@@ -327,7 +327,7 @@ def stage_main(
                     on_retry=on_retry,
                     key=j,
                 )
-            except (Exception, SystemExit) as exc:
+            except RETRIED as exc:  # a failed item (what a retry would run again)
                 error = item_error(exc, index, index_at(idx, j), item, fatal=not skip)
                 if rec is not None:
                     rec.add(started, "skipped" if skip else "error", error.error)
