@@ -7,6 +7,8 @@ Layout on disk (Linux: ``/dev/shm``; elsewhere the temp directory)::
     mpchan-<session>-c<id>-e<rand>    a one-off out-of-band payload
     mpchan-<session>-x<id>            a context node (a segment like a channel's)
     mpchan-<session>-w<id>            a WaitGroup counter (likewise)
+    mpchan-<session>-a<id>            a read-only array of a joblib call (raw
+                                      bytes, no header: ``_joblib``)
 
 The letter before ``<id>`` is the segment's kind (``segment_kind``), so a
 snapshot of the program (``mpchan.stats()``) can tell channels from the
@@ -23,6 +25,8 @@ Invariants:
     - payload files of a channel share its name as prefix, so unlinking a
       channel removes them with one directory scan.
     - nothing here registers with ``multiprocessing.resource_tracker``.
+    - an array file (``ARRAY``) is written once, by the process that
+      created it, before its name is sent anywhere; others map it read-only.
 
 Ownership:
     - every process maps what it uses and detaches when its last local
@@ -35,6 +39,11 @@ Ownership:
       first use) unlinks what is left once the holders are dead, and
       everything of the session once the root is gone -- also when the root
       was killed with SIGKILL.
+    - an array file has no holder record: the process that created it
+      unlinks it (``_joblib``: when the joblib call that shared it ends, or
+      at exit); the root's exit and the reaper's pass after the root is
+      gone remove what is left (the reaper skips it while the root lives:
+      it is not a channel).
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from . import _core, _lifecycle
 from ._compat import IS_LINUX, SHM_DIR
 
 __all__ = [
+    "ARRAY",
     "CHANNEL",
     "CONTEXT",
     "WAITGROUP",
@@ -72,6 +82,7 @@ PREFIX = "mpchan-"
 CHANNEL = "c"
 CONTEXT = "x"
 WAITGROUP = "w"
+ARRAY = "a"
 _ENV = "MPCHAN_SESSION"
 
 _lock = threading.Lock()
@@ -248,18 +259,24 @@ def unlink_with_payloads(name: str) -> None:
                 unlink_quietly(entry)
 
 
-def map_file(name: str, size: int | None = None, *, create: bool = False) -> mmap.mmap:
-    """Map a (payload) segment file, pre-faulting its pages."""
+def map_file(
+    name: str, size: int | None = None, *, create: bool = False, readonly: bool = False
+) -> mmap.mmap:
+    """Map a (payload or array) segment file, pre-faulting its pages.
+
+    ``readonly``: open and map it read-only (an array file, see ``ARRAY``).
+    """
     if create:
-        assert size is not None
+        assert size is not None and not readonly
         fd = create_file(name, size)
     else:
-        fd = os.open(shm_path(name), os.O_RDWR)
+        fd = os.open(shm_path(name), os.O_RDONLY if readonly else os.O_RDWR)
     try:
         if size is None:
             size = os.fstat(fd).st_size
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(fd, size, flags=flags)
+        prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+        return mmap.mmap(fd, size, flags=flags, prot=prot)
     finally:
         os.close(fd)
 

@@ -68,6 +68,8 @@ LAYERS: dict[str, int | str] = {
     "_stream_*": 8,
     "_fan": 8,
     "_main": 8,
+    "_joblib": 8,  # joblib's "mpchan" backend, on the public Pool
+    "_joblib_hook": 8,  # the facade installs it; it imports _joblib lazily
     FACADE: EDGE,
     "__main__": EDGE,
     "cli": EDGE,
