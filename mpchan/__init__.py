@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     # channels, select, timers, sync
     "Channel": "_channel",
     "select": "_select",
+    "aselect": "_select",
     "after": "_timer",
     "tick": "_timer",
     "Timer": "_timer",
@@ -94,6 +95,7 @@ if TYPE_CHECKING:
     from ._main import main as main
     from ._metrics import stats as stats
     from ._pool import Pool as Pool
+    from ._select import aselect as aselect
     from ._select import select as select
     from ._stream import Stream as Stream
     from ._stream import stream as stream
@@ -130,6 +132,7 @@ __all__ = [
     "WouldBlock",
     "__version__",
     "after",
+    "aselect",
     "background",
     "fan_out",
     "go",

@@ -23,6 +23,10 @@ One call, fastest first::
       that finds FULL/EMPTY; p.wait() (timeout/ctx raise here); p.release();
       again -- the ``with`` block unregisters whatever ends it
 
+The slow path is one set of steps (``_send_steps`` / ``_recv_steps``, see
+``_park``): ``send``/``recv`` drive it with a blocking park, ``asend`` /
+``arecv`` / ``async for`` with an awaited one (no spin: the loop runs on).
+
 Invariants:
     - a blocked call registers this thread's waiter key *in the same locked
       step* that found the channel full/empty, so no wake-up is lost.
@@ -35,6 +39,10 @@ Invariants:
       happened or left nothing.
     - Cancelled / TimeoutError are raised only by ``Parking.wait``, before
       parking: the state was re-checked since the last wake-up.
+    - an awaited call whose task is cancelled either raises CancelledError
+      having done nothing (a receive consumed nothing and passed its
+      wake-up on; an unbuffered send withdrew its record) or, when its
+      record was taken in that instant, returns: the send happened.
 
 Ownership:
     - the segment is the channel's: any holder writes it under its mutex;
@@ -50,7 +58,7 @@ held while encoding, decoding or parked.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from os import sched_yield as _yield
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -59,7 +67,7 @@ from . import _core, _shm
 from ._channel_payload import TAG_BLOB, PayloadCodec, inline_limit, ring_size_for
 from ._codec import TAG_PICKLE, cannot_unpickle, note_transit
 from ._errors import ChannelClosed, EndOfChannel, WouldBlock
-from ._park import Parking, deadline_for
+from ._park import SLICE, Parking, Steps, await_steps, block, deadline_for, task_cancel
 from ._wake import wake
 
 if TYPE_CHECKING:
@@ -249,9 +257,33 @@ class Channel(PayloadCodec):
     def _send_slow(
         self, tag: int, payload: Any, blob: int, timeout: float | None, ctx: Context | None
     ) -> None:
+        block(self._send_steps(tag, payload, blob, timeout, ctx, False))
+
+    def _send_steps(
+        self,
+        tag: int,
+        payload: Any,
+        blob: int,
+        timeout: float | None,
+        ctx: Context | None,
+        aio: bool,
+    ) -> Steps[None]:
+        """A send that found the buffer full (or is unbuffered), as steps
+        (``_park``).  ``aio``: awaited -- the steps make the first attempt
+        too, park on a dedicated waiter and never spin (the loop runs on)."""
         core = self._core
         staged = False  # once staged, _await_taken owns the payload
         try:
+            if aio and self._cap:
+                st, _t, wakes = core.send(payload, tag, 0, blob, 0, 0)
+                if wakes:
+                    self._wake(wakes)
+                if st == OK:
+                    return
+                if st == CLOSED:
+                    raise ChannelClosed("send on closed channel")
+                if st == NOSPACE and not tag & TAG_BLOB:
+                    tag, payload, blob = self._to_blob(tag, payload, [])
             if self._cap == 0:
                 # Stage without registering: the receiver that takes it mostly
                 # does so while _await_taken spins, and then nothing is to
@@ -261,12 +293,14 @@ class Channel(PayloadCodec):
                     self._wake(wakes)
                 if st == OK:
                     staged = True
-                    self._await_taken(None, ticket, timeout, ctx, tag, payload, blob)
+                    yield from self._await_taken(
+                        None, ticket, timeout, ctx, tag, payload, blob, aio
+                    )
                     return
                 if st == CLOSED:
                     raise ChannelClosed("send on closed channel")
                 # NOSPACE: the ring is full of staged records; wait below
-            with Parking(timeout, ctx) as p:
+            with Parking(timeout, ctx, dedicated=aio) as p:
                 while True:
                     p.track(core)
                     st, ticket, wakes = core.send(payload, tag, 0, blob, 0, p.key)
@@ -275,7 +309,9 @@ class Channel(PayloadCodec):
                     if st == OK:
                         if self._cap == 0:
                             staged = True  # and registered for its ticket
-                            self._await_taken(p, ticket, timeout, ctx, tag, payload, blob)
+                            yield from self._await_taken(
+                                p, ticket, timeout, ctx, tag, payload, blob, aio
+                            )
                         return
                     if st == CLOSED:
                         raise ChannelClosed("send on closed channel")
@@ -283,7 +319,7 @@ class Channel(PayloadCodec):
                         p.release()
                         tag, payload, blob = self._to_blob(tag, payload, [])
                         continue
-                    self._park(p, W_SEND)
+                    yield from self._park(p, W_SEND)
         except BaseException:
             if not staged:
                 self._release_unsent(tag, payload, blob)
@@ -298,14 +334,17 @@ class Channel(PayloadCodec):
         tag: int,
         payload: Any,
         blob: int,
-    ) -> None:
+        aio: bool,
+    ) -> Steps[None]:
         """Unbuffered: wait until the staged record was taken, else withdraw it.
         ``p``: the caller's parking, already registered for this ticket by
         the send that staged it (it unregisters when the caller's block
-        ends); None: not registered -- spin, then register, re-check, park."""
+        ends); None: not registered -- spin, then register, re-check, park.
+        A raise that finds the record taken already is absorbed (the send
+        happened), unless it is a KeyboardInterrupt or SystemExit."""
         core = self._core
         try:
-            if _spin_allowed():
+            if not aio and _spin_allowed():
                 end = perf_counter() + _SPIN_S
                 while perf_counter() < end:
                     if core.consumed(ticket):
@@ -314,27 +353,27 @@ class Channel(PayloadCodec):
                     _yield()
                 _spin_result(False)
             if p is not None:
-                self._park_until_taken(p, ticket)
+                yield from self._park_until_taken(p, ticket)
             else:
-                with Parking(timeout, ctx) as q:
+                with Parking(timeout, ctx, dedicated=aio) as q:
                     q.add(core, W_SEND, 0, ticket)
-                    self._park_until_taken(q, ticket)
+                    yield from self._park_until_taken(q, ticket)
         except BaseException as exc:
             # no exception chaining here: a cycle through the traceback
             # would keep this channel (and its segment) alive until a GC
             consumed, _blob = core.retract(ticket)
-            if consumed and isinstance(exc, Exception):
+            if consumed and (isinstance(exc, Exception) or task_cancel(exc)):
                 return  # taken after all: the send happened
             if not consumed:
                 self._release_unsent(tag, payload, blob)
             raise
 
-    def _park_until_taken(self, p: Parking, ticket: int) -> None:
+    def _park_until_taken(self, p: Parking, ticket: int) -> Steps[None]:
         core = self._core
         while not core.consumed(ticket):  # the re-check after registering
             if core.is_closed():
                 raise ChannelClosed("send on closed channel")
-            p.wait()
+            yield p, SLICE
 
     def send_nowait(self, value: Any) -> None:
         """Send without waiting, or raise WouldBlock (buffer full, or -- when
@@ -462,17 +501,22 @@ class Channel(PayloadCodec):
         return self._recv_slow(timeout, ctx)
 
     def _recv_slow(self, timeout: float | None, ctx: Context | None) -> Any:
+        return block(self._recv_steps(timeout, ctx, False))
+
+    def _recv_steps(self, timeout: float | None, ctx: Context | None, aio: bool) -> Steps[Any]:
+        """A receive that found the channel empty, as steps (``_park``);
+        ``aio`` as ``_send_steps``."""
         core = self._core
         recv = core.recv
         st, data, tag, blob, wakes = recv(0, 0, 0)
-        if st == EMPTY and _spin_allowed():
+        if st == EMPTY and not aio and _spin_allowed():
             end = perf_counter() + _SPIN_S
             while st == EMPTY and perf_counter() < end:
                 _yield()
                 st, data, tag, blob, wakes = recv(0, 0, 0)
             _spin_result(st != EMPTY)
         if st == EMPTY:
-            with Parking(timeout, ctx) as p:
+            with Parking(timeout, ctx, dedicated=aio) as p:
                 while True:
                     p.track(core)
                     st, data, tag, blob, wakes = recv(0, 0, p.key)
@@ -482,19 +526,20 @@ class Channel(PayloadCodec):
                         # registering as a receiver: selects waiting to send
                         # on this unbuffered channel may proceed now
                         self._wake(wakes)
-                    self._park(p, W_RECV)
+                    yield from self._park(p, W_RECV)
         if st == OK:
             if wakes:
                 self._wake(wakes)
             return self._decode(data, tag, blob)
         raise EndOfChannel("channel closed and drained")
 
-    def _park(self, p: Parking, kind: int) -> None:
-        # One parked wait on ``p``, then unregister so the caller re-checks
-        # and registers afresh. A waiter that leaves instead (timeout,
-        # cancel, interrupt) passes a wake-up it may have had on to another.
+    def _park(self, p: Parking, kind: int) -> Steps[None]:
+        # One parked wait on ``p`` (the driver's), then unregister so the
+        # caller re-checks and registers afresh.  A waiter that leaves
+        # instead (timeout, cancel, interrupt) passes a wake-up it may have
+        # had on to another.
         try:
-            p.wait()
+            yield p, SLICE
         except BaseException:
             p.release()
             self._pass_on(kind)
@@ -605,6 +650,53 @@ class Channel(PayloadCodec):
                 yield self.recv()
             except EndOfChannel:
                 return
+
+    # ------------------------------------------------------------ asyncio
+
+    async def asend(
+        self, value: Any, *, timeout: float | None = None, ctx: Context | None = None
+    ) -> None:
+        """``send``, awaited: the event loop runs on while it waits.
+
+        Blocks: the awaiting task only, as ``send`` would block (the loop
+        waits on this call's own descriptor; nothing polls).
+        Cancellation: ``timeout`` / ``ctx`` as ``send``.  Cancelling the
+        task either raises CancelledError with nothing sent (an unbuffered
+        value is withdrawn), or -- when a receiver took the value in the
+        same instant -- returns normally: the send happened, and the
+        task's cancellation request is withdrawn.
+        Process safety: as ``send``; any number of tasks of any loops.
+        """
+        if ctx is not None:
+            ctx.check()
+        tag, payload, blob = self._encode(value)
+        await await_steps(self._send_steps(tag, payload, blob, timeout, ctx, True))
+
+    async def arecv(self, *, timeout: float | None = None, ctx: Context | None = None) -> Any:
+        """``recv``, awaited: the event loop runs on while it waits.
+
+        Blocks: the awaiting task only, while the channel is empty and open.
+        Cancellation: ``timeout`` / ``ctx`` as ``recv``; cancelling the task
+        raises CancelledError with nothing consumed (a wake-up it had is
+        passed on to another receiver).  EndOfChannel once closed and drained.
+        Process safety: as ``recv``.
+        """
+        if ctx is not None:
+            ctx.check()
+        return await await_steps(self._recv_steps(timeout, ctx, True))
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for v in ch``: receive (awaited) until closed and drained.
+
+        Blocks: the awaiting task only.  Cancellation: cancelling the task
+        consumes nothing more.  Process safety: as recv.
+        """
+        while True:
+            try:
+                value = await await_steps(self._recv_steps(None, None, True))
+            except EndOfChannel:
+                return
+            yield value
 
     # ------------------------------------------------------------ select protocol
     # Internal: what mpchan._select does with a channel case.  Not public API;

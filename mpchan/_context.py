@@ -52,7 +52,7 @@ from . import _core, _shm
 from ._clock import deadline_after, monotonic_to_unix, remaining, unix_to_monotonic
 from ._codec import dumps, note_transit
 from ._errors import Cancelled, DeadlineExceeded
-from ._park import SLICE, Parking
+from ._park import SLICE, Parking, Steps, await_steps, block
 from ._wake import wake
 
 __all__ = [
@@ -282,31 +282,30 @@ class Context:
             return True
         if timeout is not None and timeout <= 0:
             return False
-        end = deadline_after(timeout)
-        with Parking() as p:
+        return block(self._done_steps(deadline_after(timeout), False))
+
+    async def adone(self) -> None:
+        """Await until the context is done, without blocking the event loop.
+
+        Blocks: the awaiting task only (the loop waits on this wait's own
+        descriptor, woken by the cancel itself: nothing polls).
+        Cancellation: cancelling the task stops the wait.  Process safety:
+        any task of any loop.
+        """
+        if self.err() is None:
+            await await_steps(self._done_steps(None, True))
+
+    def _done_steps(self, end: float | None, aio: bool) -> Steps[bool]:
+        # wait / adone: True once done, False at ``end`` (monotonic; None: never)
+        with Parking(dedicated=aio) as p:
             for c in self.wait_cores():
                 p.add(c, _core.W_RECV)
             while self.err() is None:
                 left = remaining(end)
                 if left is not None and left <= 0:
                     return False
-                p.wait(_nearest(SLICE, left, remaining(self._deadline)))
+                yield p, _nearest(SLICE, left, remaining(self._deadline))
             return True
-
-    async def adone(self) -> None:
-        """Await until the context is done, without blocking the event loop.
-
-        Blocks: the awaiting task only (the loop waits on this wait's own
-        descriptor: no polling).  Cancellation: cancelling the task stops
-        the wait.  Process safety: any task of any loop.
-        """
-        if self.err() is not None:
-            return
-        with Parking(dedicated=True) as p:
-            for c in self.wait_cores():
-                p.add(c, _core.W_RECV)
-            while self.err() is None:
-                await p.wait_async(_nearest(SLICE, None, remaining(self._deadline)))
 
     def __enter__(self) -> Context:
         """The context itself.  Never blocks."""

@@ -553,7 +553,10 @@ static int put_record(ChanObject *c, const char *data, uint64_t len, uint32_t fl
     r->len = (uint32_t)len;
     r->flags = flags & F_USER;
     r->ticket = h->next_ticket++;
-    r->token = token;
+    /* Only a staged (unbuffered) record keeps its select's token: a buffered
+     * record is sent once it is in the ring, and the select that sent it may
+     * receive it later like anyone else. */
+    r->token = h->capacity ? 0 : token;
     r->blob = blob;
     r->pad = 0;
     if (len) memcpy(c->ring + off + REC, data, len);

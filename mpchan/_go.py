@@ -9,8 +9,9 @@ back to the cache whether or not anyone asks for the result.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -24,6 +25,11 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _UNSET: Any = object()
+
+
+def _settle(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class GoHandle(Generic[T]):
@@ -103,6 +109,33 @@ class GoHandle(Generic[T]):
         Never blocks. Process safety: any thread of the process that called ``go``.
         """
         self._future.add_done_callback(lambda _f: fn(self))
+
+    def __await__(self) -> Generator[Any, None, T]:
+        """``await handle``: the function's result, as :meth:`result`, with
+        the event loop running on meanwhile (woken by the goroutine's end,
+        through the loop's own thread-safe call: nothing polls).
+
+        Blocks: the awaiting task only.
+        Cancellation: cancelling the awaiting task stops the wait only; the
+        goroutine runs on and the handle stays usable.
+        Process safety: any loop of the process that called ``go``.
+        """
+        return self._settled().__await__()
+
+    async def _settled(self) -> T:
+        import asyncio  # loaded already: an event loop awaits this
+
+        if not self._future.done():
+            loop = asyncio.get_running_loop()
+            ended: asyncio.Future[None] = loop.create_future()
+
+            def on_end(_f: object) -> None:  # the supervisor's thread
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(_settle, ended)
+
+            self._future.add_done_callback(on_end)
+            await ended
+        return self.result(0)
 
     def __del__(self) -> None:
         # A result nobody read may hold handles (a channel the goroutine

@@ -30,6 +30,23 @@ The descriptor (:meth:`Parking.fileno`) is the waiter's socket: it becomes
 readable when any process wakes the key, so an event loop can wait on the
 same registrations (``loop.add_reader``, or :meth:`Parking.wait_async`).
 
+One blocking call, two ways to wait.  A call's slow path is written once,
+as *steps* (a generator, :data:`Steps`): it does every locked step itself
+and yields ``(parking, limit)`` each time it must park.  A driver parks::
+
+    steps (channel send/recv, select, Context.wait)
+        | yield (p, limit)               ^ send(woken) / throw(exc)
+        v                                |
+    block(steps):        p.wait(limit)             -- the thread parks
+    await_steps(steps):  await p.wait_async(limit) -- the task parks; the loop
+                                                      runs on (a dedicated p)
+
+What a park raises (Cancelled, TimeoutError, KeyboardInterrupt, asyncio's
+CancelledError) is thrown into the steps, which undo what they did and
+re-raise -- or, when it can no longer be undone (an unbuffered value taken
+in that instant), finish: the call returned, so it happened.  So the
+blocking and the awaited call have one set of rules, not two copies.
+
 Invariants:
     - when ``close`` returns (or the ``with`` block is left, by a return or
       any exception, KeyboardInterrupt included) no segment holds this
@@ -50,8 +67,8 @@ Ownership:
     - a Parking belongs to the thread that made it and lives for one
       blocking call; it is never shared or kept.  It uses that thread's
       :func:`current_waiter` unless made ``dedicated`` (its own Waiter,
-      closed with it: for an event loop, where several waits share one
-      thread).
+      given back with it: for an event loop, where several waits share one
+      thread; ``_wake`` keeps given-back waiters for the next such wait).
     - wakers in any process only send datagrams to the key; they never see
       the Parking.
 
@@ -62,19 +79,42 @@ parked.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Generator
 from time import monotonic
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from ._clock import deadline_after
 from ._core import W_RECV
-from ._wake import Waiter, current_waiter, wake
+from ._wake import current_waiter, lend_waiter, take_back, wake
 
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["SLICE", "CancelScope", "Parking", "deadline_for"]
+__all__ = [
+    "SLICE",
+    "CancelScope",
+    "Parking",
+    "Steps",
+    "await_steps",
+    "block",
+    "deadline_for",
+    "task_cancel",
+]
 
 SLICE = 0.25  # longest single park without a timeout of its own
+
+T = TypeVar("T")
+
+# A blocking call written once for both ways of waiting: a generator that does
+# every locked step itself and, each time it must park, yields the Parking
+# and the longest wait (``wait``'s timeout).  The driver parks -- ``block``
+# the thread, ``await_steps`` the awaiting task -- and sends back whether it
+# was woken, or throws in what the wait raised (Cancelled, TimeoutError, a
+# KeyboardInterrupt, asyncio's CancelledError), which the steps undo and
+# re-raise, or absorb when what they did cannot be undone (an unbuffered
+# value already taken: the send happened).
+Steps = Generator[tuple["Parking", float | None], bool, T]
 
 
 class CancelScope(Protocol):
@@ -137,7 +177,7 @@ class Parking:
         deadline: float | None = None,
         dedicated: bool = False,
     ) -> None:
-        w = Waiter() if dedicated else current_waiter()
+        w = lend_waiter() if dedicated else current_waiter()
         self.waiter = w
         # Invariant: key is the waiter's key, the one every core holds for us
         self.key = w.key
@@ -220,7 +260,8 @@ class Parking:
             for c in cores:
                 c.unregister(self.key)
         if self._own:
-            self.waiter.close()
+            self._own = False
+            take_back(self.waiter)
 
     # -- parking --------------------------------------------------------------
 
@@ -301,6 +342,69 @@ class Parking:
         if self._ctx is not None:
             self._ctx.check()  # the context's deadline passed: DeadlineExceeded
         raise TimeoutError(f"timed out after {self._timeout} s")
+
+
+def block(steps: Steps[T]) -> T:
+    """Run ``steps`` to their end, parking this thread whenever they ask.
+
+    Blocks: as the steps ask (each park up to the limit they yield).
+    Cancellation: what a park raises is thrown into the steps, which undo
+    their work and re-raise it (it propagates from here).
+    Process safety: the thread whose Parking the steps use.
+    """
+    try:
+        p, limit = next(steps)
+        while True:
+            try:
+                woken = p.wait(limit)
+            except BaseException as exc:
+                p, limit = steps.throw(exc)
+            else:
+                p, limit = steps.send(woken)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def await_steps(steps: Steps[T]) -> T:
+    """As :func:`block`, but each park awaits the parking's descriptor on the
+    running event loop (:meth:`Parking.wait_async`): the loop runs on.
+
+    Blocks: the awaiting task only.
+    Cancellation: cancelling the task throws CancelledError into the
+    steps: they withdraw (and re-raise it), or -- when what they did can
+    no longer be undone -- finish, and then this returns their result and
+    the task's cancellation request is withdrawn (``Task.uncancel``): an
+    awaited call either raised and did nothing, or returned and did it.
+    Process safety: the steps' Parkings must be ``dedicated`` (one event
+    loop thread runs many waits at once).
+    """
+    import asyncio  # loaded already: an event loop runs this
+
+    absorbed = False
+    try:
+        p, limit = next(steps)
+        while True:
+            try:
+                woken = await p.wait_async(limit)
+            except BaseException as exc:
+                absorbed = isinstance(exc, asyncio.CancelledError)
+                p, limit = steps.throw(exc)
+            else:
+                p, limit = steps.send(woken)
+    except StopIteration as stop:
+        if absorbed:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        return stop.value  # type: ignore[no-any-return]
+
+
+def task_cancel(exc: BaseException) -> bool:
+    """True when ``exc`` is asyncio's CancelledError: an awaited wait's task
+    was cancelled (a cancel that an operation already done may absorb, see
+    :func:`await_steps`).  Never blocks."""
+    aio = sys.modules.get("asyncio")
+    return aio is not None and isinstance(exc, aio.CancelledError)
 
 
 def _settle(fut: asyncio.Future[None]) -> None:

@@ -1,6 +1,7 @@
 """select across processes (layer 5).
 
     index, value, ok = select(ch, (ch2, v), ctx.done(), after(1.0), timeout=None, default=False)
+    index, value, ok = await aselect(...)   # the same, awaited: the event loop runs on
 
 Algorithm (one call)::
 
@@ -15,7 +16,7 @@ Algorithm (one call)::
       every change, not one-of-many) and on each context's cores; stage at
       most one unbuffered send, tagged with this select's token
       re-check readiness (a change before the registration is seen here)
-      p.wait(nearest of: timeout, a timer case, SLICE)
+      p.wait(nearest of: timeout, a timer case, SLICE)   (aselect: awaited)
       p.release(); withdraw the staged value -- found taken: that send
       fired, return it and nothing else --> else back to the top
 
@@ -23,7 +24,11 @@ Invariants:
     - whatever happens (a case fires, timeout, cancel, an exception), no
       registration and no staged value outlives the call (``Parking``'s
       ``with`` block, then ``retract``).
-    - at most one value is staged at a time, so at most one send fires.
+    - at most one value is staged at a time, so at most one send fires;
+      one found taken as the wait ends (a timeout, a cancelled task) fired:
+      the select returns it rather than raise.
+    - only a staged record carries the select's token; a value it sent into
+      a buffer is anyone's, its own next select's too.
     - receives skip records staged under the select's own token, so a
       select that sends and receives on one unbuffered channel never pairs
       with itself.
@@ -60,13 +65,13 @@ from ._channel import (
 from ._channel_payload import TAG_BLOB
 from ._clock import deadline_after, remaining
 from ._errors import ChannelClosed
-from ._park import SLICE, Parking
+from ._park import SLICE, Parking, Steps, await_steps, block, task_cancel
 from ._wake import current_waiter
 
 if TYPE_CHECKING:
     from ._context import Context
 
-__all__ = ["W_RECV_SEL", "W_SEND_SEL", "select"]
+__all__ = ["W_RECV_SEL", "W_SEND_SEL", "aselect", "select"]
 
 _RECV, _SEND, _OTHER = 0, 1, 2
 W_RECV_SEL = _core.W_RECV | _core.W_SELECT  # a select's registration to receive
@@ -129,23 +134,63 @@ def select(
     Process safety: any thread of any process; no registration outlives
     the call.
     """
+    parsed = _prepare(cases, ctx)
+    try:
+        return _outcome(block(_select_steps(parsed, timeout, default, False)), cases, ctx)
+    finally:
+        _release(parsed)
+
+
+async def aselect(
+    *cases: Any,
+    timeout: float | None = None,
+    default: bool = False,
+    ctx: Context | None = None,
+) -> tuple[int, Any, bool]:
+    """``select``, awaited: the event loop runs on while it waits.
+
+    Cases, result, ``timeout``, ``default`` and ``ctx`` as :func:`select`.
+    Blocks: the awaiting task only (the loop waits on this call's own
+    descriptor; nothing polls).
+    Cancellation: as ``select``; cancelling the task raises CancelledError
+    with no case fired (a staged send withdrawn) -- unless a receiver took
+    a staged send in the same instant: then that case is returned, and the
+    task's cancellation request is withdrawn.
+    Process safety: any number of tasks of any loops.
+    """
+    parsed = _prepare(cases, ctx)
+    try:
+        return _outcome(
+            await await_steps(_select_steps(parsed, timeout, default, True)), cases, ctx
+        )
+    finally:
+        _release(parsed)
+
+
+def _prepare(cases: tuple[Any, ...], ctx: Context | None) -> list[_Case]:
     if ctx is not None:
         ctx.check()
     parsed = _parse(cases)
     if ctx is not None:
         # the context is one more (hidden) case: when it fires, raise
         parsed.append(_Case(_OTHER, ctx.done()))
-    try:
-        index, value, ok = _select(parsed, timeout, default)
-        if ctx is not None and index == len(cases):
-            ctx.check()
-            raise AssertionError("unreachable: a done context raises")  # pragma: no cover
-        return index, value, ok
-    finally:
-        for c in parsed:
-            if c.kind == _SEND and c.ticket != -1 and c.ch is not None:
-                # a prepared out-of-band payload of a case that did not fire
-                c.ch.sel_release(c.tag, c.payload, c.blob)
+    return parsed
+
+
+def _outcome(
+    fired: tuple[int, Any, bool], cases: tuple[Any, ...], ctx: Context | None
+) -> tuple[int, Any, bool]:
+    if ctx is not None and fired[0] == len(cases):
+        ctx.check()
+        raise AssertionError("unreachable: a done context raises")  # pragma: no cover
+    return fired
+
+
+def _release(parsed: list[_Case]) -> None:
+    for c in parsed:
+        if c.kind == _SEND and c.ticket != -1 and c.ch is not None:
+            # a prepared out-of-band payload of a case that did not fire
+            c.ch.sel_release(c.tag, c.payload, c.blob)
 
 
 def _try(case: _Case, token: int) -> tuple[bool, Any, bool]:
@@ -180,10 +225,22 @@ def _try(case: _Case, token: int) -> tuple[bool, Any, bool]:
 
 
 def _select(parsed: list[_Case], timeout: float | None, default: bool) -> tuple[int, Any, bool]:
-    token = current_waiter().key  # the Parking below uses the same waiter
+    return block(_select_steps(parsed, timeout, default, False))
+
+
+def _select_steps(
+    parsed: list[_Case], timeout: float | None, default: bool, aio: bool
+) -> Steps[tuple[int, Any, bool]]:
+    """One select, as steps (see ``_park``); ``aio``: awaited, so its
+    Parking is dedicated -- made first, its key is the select's token."""
+    p: Parking | None = None  # made on the first park: a ready select never needs one
+    if aio:
+        p = Parking(dedicated=True)
+        token = p.key
+    else:
+        token = current_waiter().key  # the Parking made below uses the same waiter
     deadline = deadline_after(timeout)
     order = list(range(len(parsed)))
-    p: Parking | None = None  # made on the first park: a ready select never needs one
     try:
         while True:
             random.shuffle(order)
@@ -198,7 +255,7 @@ def _select(parsed: list[_Case], timeout: float | None, default: bool) -> tuple[
                 raise TimeoutError(f"select timed out after {timeout} s")
             if p is None:
                 p = Parking()
-            fired_case = _park(p, parsed, token, deadline)
+            fired_case = yield from _park(p, parsed, token, deadline)
             if fired_case is not None:
                 return fired_case, None, True
     finally:
@@ -206,10 +263,10 @@ def _select(parsed: list[_Case], timeout: float | None, default: bool) -> tuple[
             p.close()
 
 
-def _park(p: Parking, parsed: list[_Case], token: int, deadline: float | None) -> int | None:
-    """Register everywhere, stage one unbuffered send, re-check, wait once,
-    then undo it all.  Returns the index of a staged send that was taken
-    meanwhile."""
+def _park(p: Parking, parsed: list[_Case], token: int, deadline: float | None) -> Steps[int | None]:
+    """Register everywhere, stage one unbuffered send, re-check, wait once
+    (yield to the driver), then undo it all.  Returns the index of a staged
+    send that was taken meanwhile."""
     staged: list[int] = []
     waits: list[float] = [SLICE]
     # At most one unbuffered send is staged per park (two staged values could
@@ -264,17 +321,27 @@ def _park(p: Parking, parsed: list[_Case], token: int, deadline: float | None) -
             left = remaining(deadline)
             if left is not None:
                 waits.append(left)
-            p.wait(min(waits))
-    finally:
-        p.release()
-        taken: int | None = None
-        for i in staged:
-            c = parsed[i]
-            consumed, _blob = c.core.retract(c.ticket)
-            if consumed:
-                taken = i
-                c.ticket = -1  # its payload belongs to the receiver now
-            else:
-                c.ticket = 0
-        staged.clear()
+            yield p, min(waits)
+    except BaseException as exc:
+        taken = _undo(p, parsed, staged)
+        if taken is not None and (isinstance(exc, Exception) or task_cancel(exc)):
+            return taken  # a staged send was taken as the wait ended: it fired
+        raise
+    return _undo(p, parsed, staged)
+
+
+def _undo(p: Parking, parsed: list[_Case], staged: list[int]) -> int | None:
+    """Unregister, and withdraw the staged send; the index of a staged send
+    found taken (it fired), else None."""
+    p.release()
+    taken: int | None = None
+    for i in staged:
+        c = parsed[i]
+        consumed, _blob = c.core.retract(c.ticket)
+        if consumed:
+            taken = i
+            c.ticket = -1  # its payload belongs to the receiver now
+        else:
+            c.ticket = 0
+    staged.clear()
     return taken

@@ -28,8 +28,11 @@ Invariants:
 
 Ownership:
     - a Waiter belongs to the thread that made it (``current_waiter``:
-      one per thread, made on first use; or a Parking's dedicated one);
-      only that thread polls or drains it, and it closes its socket.
+      one per thread, made on first use), or to one wait at a time
+      (``lend_waiter``: an event loop's waits, several per thread, each
+      with its own socket; ``take_back`` keeps it for the next wait, so an
+      awaited receive does not make and bind a socket); only its owner
+      polls or drains it, and it closes its socket.
     - the sending socket is shared by all threads of a process; a forked
       child makes its own.
 
@@ -52,7 +55,7 @@ from collections.abc import Iterable
 
 from ._core import dgram_drain, dgram_wake
 
-__all__ = ["Waiter", "current_waiter", "wake"]
+__all__ = ["Waiter", "current_waiter", "lend_waiter", "take_back", "wake"]
 
 _ABSTRACT = sys.platform.startswith("linux")
 _sockdir: str | None = None
@@ -157,6 +160,33 @@ def current_waiter() -> Waiter:
     return w
 
 
+# Waiters lent to one wait each (an event loop's), kept for the next one.
+# list.append / list.pop are atomic under the GIL: any thread may lend.
+_spare: list[Waiter] = []
+_SPARE_MAX = 256  # more idle waiters than this are closed, not kept
+
+
+def lend_waiter() -> Waiter:
+    """A waiter for one wait, with no wake-up pending (a spare one, or a
+    new one); give it back with :func:`take_back`.  Never blocks.
+    Process safety: any thread; the waiter is the borrower's until given back."""
+    try:
+        w = _spare.pop()
+    except IndexError:
+        return Waiter()
+    w.clear()  # a late wake-up meant for its last wait: only a hint, dropped
+    return w
+
+
+def take_back(w: Waiter) -> None:
+    """End a loan: keep ``w`` for a later wait (or close it when enough are
+    kept).  The caller has unregistered its key everywhere.  Never blocks."""
+    if len(_spare) < _SPARE_MAX and w._pid == os.getpid():
+        _spare.append(w)
+    else:
+        w.close()
+
+
 def _sender() -> socket.socket:
     global _out
     s = _out
@@ -193,9 +223,10 @@ _DEAD = frozenset({errno.ECONNREFUSED, errno.ENOENT})
 
 def _after_fork_in_child() -> None:
     # the parent's sockets belong to the parent's threads
-    global _out, _tls
+    global _out, _tls, _spare
     _out = None
     _tls = threading.local()
+    _spare = []
 
 
 # At import: _tls, whose waiters a forked child must not reuse, exists from then on.

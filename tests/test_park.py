@@ -15,6 +15,7 @@ import pytest
 import mpchan
 from mpchan import Channel, _core
 from mpchan._park import SLICE, Parking
+from mpchan._wake import wake
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "chan_scripts"))
 import chan_workers as cw
@@ -117,12 +118,17 @@ def test_wait_async_needs_a_dedicated_parking() -> None:
         asyncio.run(run())
 
 
-def test_dedicated_parking_has_its_own_descriptor_and_closes_it() -> None:
+def test_dedicated_parking_has_its_own_descriptor_and_gives_it_back() -> None:
     with Parking() as shared, Parking(dedicated=True) as own:
         assert own.fileno() != shared.fileno()
         assert own.key != shared.key
+        with Parking(dedicated=True) as other:  # two waits at once: two waiters
+            assert other.key != own.key
         waiter = own.waiter
-    assert waiter.sock.fileno() == -1  # closed with the parking
+        wake([waiter.key])  # a wake-up still pending when the wait ends
+    with Parking(dedicated=True) as next_one:
+        assert next_one.waiter is waiter  # lent again, not made anew
+        assert not next_one.wait(0)  # the old wait's wake-up was dropped
     with Parking() as again:
         assert again.fileno() == shared.fileno()  # the thread's waiter lives on
 

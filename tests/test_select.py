@@ -275,3 +275,13 @@ def test_a_blocking_receiver_wakes_a_select_waiting_to_send() -> None:
         assert staged.stats()["sent"] == 0  # withdrawn
         assert no_registrations(u1, u2)
     assert min(latencies) < 0.1, latencies
+
+
+def test_a_value_a_select_sent_into_a_buffer_is_received_by_its_own_next_select() -> None:
+    """Only a staged (unbuffered) value is kept from its own select; once in a
+    buffer it is sent, and the thread's next select may receive it."""
+    buf, other = Channel(1), Channel(0)
+    assert select((buf, 5), other, timeout=1) == (0, None, True)
+    assert select(buf, other, timeout=1) == (0, 5, True)
+    assert select((buf, 6), (other, 0), timeout=1) == (0, None, True)
+    assert select(buf, default=True) == (0, 6, True)
