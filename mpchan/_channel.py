@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import AsyncIterator, Iterable, Iterator
-from os import sched_yield as _yield
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +66,7 @@ from . import _core, _shm
 from ._channel_payload import TAG_BLOB, PayloadCodec, inline_limit, ring_size_for
 from ._codec import TAG_PICKLE, cannot_unpickle, note_transit
 from ._errors import ChannelClosed, EndOfChannel, WouldBlock
-from ._park import SLICE, Parking, Steps, await_steps, block, deadline_for, task_cancel
+from ._park import SLICE, TURN, Parking, Steps, await_steps, block, deadline_for, task_cancel
 from ._wake import wake
 
 if TYPE_CHECKING:
@@ -344,13 +343,13 @@ class Channel(PayloadCodec):
         happened), unless it is a KeyboardInterrupt or SystemExit."""
         core = self._core
         try:
-            if not aio and _spin_allowed():
+            if _spin_allowed():
                 end = perf_counter() + _SPIN_S
                 while perf_counter() < end:
                     if core.consumed(ticket):
                         _spin_result(True)
                         return
-                    _yield()
+                    yield TURN
                 _spin_result(False)
             if p is not None:
                 yield from self._park_until_taken(p, ticket)
@@ -509,10 +508,10 @@ class Channel(PayloadCodec):
         core = self._core
         recv = core.recv
         st, data, tag, blob, wakes = recv(0, 0, 0)
-        if st == EMPTY and not aio and _spin_allowed():
+        if st == EMPTY and _spin_allowed():
             end = perf_counter() + _SPIN_S
             while st == EMPTY and perf_counter() < end:
-                _yield()
+                yield TURN
                 st, data, tag, blob, wakes = recv(0, 0, 0)
             _spin_result(st != EMPTY)
         if st == EMPTY:

@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Generator
+from os import sched_yield
 from time import monotonic
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
@@ -93,6 +94,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SLICE",
+    "TURN",
     "CancelScope",
     "Parking",
     "Steps",
@@ -114,7 +116,12 @@ T = TypeVar("T")
 # KeyboardInterrupt, asyncio's CancelledError), which the steps undo and
 # re-raise, or absorb when what they did cannot be undone (an unbuffered
 # value already taken: the send happened).
-Steps = Generator[tuple["Parking", float | None], bool, T]
+Steps = Generator[tuple["Parking | None", float | None], bool, T]
+
+# What steps yield to spin: no park, only a turn for others -- the thread
+# yields its CPU (sched_yield), an awaited call lets the loop run its other
+# tasks once (``asyncio.sleep(0)``) -- then the steps re-check.
+TURN: tuple[None, None] = (None, None)
 
 
 class CancelScope(Protocol):
@@ -355,6 +362,10 @@ def block(steps: Steps[T]) -> T:
     try:
         p, limit = next(steps)
         while True:
+            if p is None:  # TURN
+                sched_yield()
+                p, limit = steps.send(False)
+                continue
             try:
                 woken = p.wait(limit)
             except BaseException as exc:
@@ -385,7 +396,11 @@ async def await_steps(steps: Steps[T]) -> T:
         p, limit = next(steps)
         while True:
             try:
-                woken = await p.wait_async(limit)
+                if p is None:  # TURN: the loop runs its other tasks once
+                    await asyncio.sleep(0)
+                    woken = False
+                else:
+                    woken = await p.wait_async(limit)
             except BaseException as exc:
                 absorbed = isinstance(exc, asyncio.CancelledError)
                 p, limit = steps.throw(exc)
