@@ -21,6 +21,7 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "cancellation.py": (0, "cause='parent gave up'"),
     "errgroup.py": (0, "group failed: bad input 7"),
     "graceful_drain.py": (130, "none lost (draining=True)"),
+    "asyncio_service.py": (0, "16 digests, e.g."),
     "numpy_arrays.py": (0, "sum of 8 matrices of 2 MiB: 7340032 (expected 7340032)"),
 }
 
