@@ -32,8 +32,12 @@ r"""joblib's ``"mpchan"`` backend: joblib's batches run on mpchan Pool workers (
 
 Invariants:
     * One Pool per (workers, threads cap) key at most; a pool no call holds
-      is shut down as soon as a pool of another key is made (so changing
-      ``n_jobs`` does not pile up processes), and every pool at exit.
+      is shut down as soon as a pool of another key is made (one still held
+      then, when its last lease is given back), so changing ``n_jobs`` does
+      not pile up processes; every pool is shut down at exit.
+    * Inside a worker, a nested Parallel call gets at most the worker's
+      thread cap of threads (``get_nested_backend``), and this backend
+      itself runs sequentially: no process starts processes.
     * An array is copied to shared memory at most once per joblib call
       (keyed by its data address, shape, strides and dtype; the store holds
       the array, so that memory is not reused meanwhile); its file is
@@ -57,8 +61,9 @@ Ownership:
       after -- and therefore run before -- ``_lifecycle``'s) shuts the pools
       down before the pools' and the supervisor's own exit hooks run.
 
-Lock order: ``_Pools._lock`` and ``_SharedArrays._lock`` never nest with
-each other nor are held while pickling, submitting or shutting a pool down.
+Lock order: none -- ``MpchanBackend._lock``, ``_Pools._lock`` and
+``_SharedArrays._lock`` never nest, and none is held while pickling,
+submitting, completing a future or shutting a pool down.
 """
 
 from __future__ import annotations

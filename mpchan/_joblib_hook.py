@@ -10,7 +10,8 @@ into that table::
 
     install()
       joblib.parallel in sys.modules?
-        yes -> EXTERNAL_BACKENDS["mpchan"] = register        (now)
+        yes -> EXTERNAL_BACKENDS["mpchan"] = register        (now;
+               BACKENDS["mpchan"] = make_backend              likewise below)
         no  -> sys.meta_path.insert(0, _Finder)
                ... later: import joblib (-> joblib.parallel)
                _Finder.find_spec("joblib.parallel")
@@ -19,8 +20,9 @@ into that table::
                _Loader.exec_module: the real loader runs the module, then
                  EXTERNAL_BACKENDS["mpchan"] = register; the real loader is
                  put back on the module and its spec
-    parallel_config(backend="mpchan")   (first use of the name)
-      -> register(): import mpchan._joblib; it registers MpchanBackend
+    parallel_config(backend="mpchan") or Parallel(backend="mpchan")
+      -> make_backend() (or register()): import mpchan._joblib, which
+         registers MpchanBackend in place of the factory
 
 Invariants:
     * The finder answers only for ``joblib.parallel``; for every other name
@@ -32,8 +34,9 @@ Invariants:
       (so a retried ``import joblib`` still registers).
     * :func:`install` is idempotent (one finder at most on ``sys.meta_path``).
 
-Ownership: the finder belongs to this module; ``EXTERNAL_BACKENDS`` is
-joblib's, this module only adds its one entry.
+Ownership: the finder belongs to this module; ``EXTERNAL_BACKENDS`` and
+``BACKENDS`` are joblib's, this module only adds its one entry to each
+(``setdefault``: a backend registered as "mpchan" before stays).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
 
-__all__ = ["BACKEND_NAME", "install", "register"]
+__all__ = ["BACKEND_NAME", "install", "make_backend", "register"]
 
 BACKEND_NAME = "mpchan"
 _TARGET = "joblib.parallel"
@@ -66,10 +69,27 @@ def register() -> None:
     _joblib.register(BACKEND_NAME)
 
 
+def make_backend(**kwargs: Any) -> Any:
+    """joblib's factory for ``"mpchan"`` until its first use: register the real
+    class (which replaces this factory) and return an instance of it.
+
+    ``EXTERNAL_BACKENDS`` serves ``parallel_config`` only; this makes
+    ``Parallel(backend="mpchan")`` work too. Never blocks (beyond the imports).
+    Process safety: any thread.
+    """
+    from . import _joblib
+
+    _joblib.register(BACKEND_NAME)
+    return _joblib.MpchanBackend(**kwargs)
+
+
 def _add_entry(parallel: Any) -> None:
     table = getattr(parallel, "EXTERNAL_BACKENDS", None)
     if isinstance(table, dict):
         table.setdefault(BACKEND_NAME, register)
+    backends = getattr(parallel, "BACKENDS", None)
+    if isinstance(backends, dict):
+        backends.setdefault(BACKEND_NAME, make_backend)
 
 
 class _Loader(Loader):

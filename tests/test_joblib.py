@@ -96,6 +96,7 @@ def nested_info(_: int) -> dict[str, Any]:
         "inner": inner._effective_n_jobs(),
         "pids": sorted(set(pids)),
         "me": os.getpid(),
+        "cpus": _joblib.cpu_count(),
         "explicit": explicit,
         "warned": any("sequentially" in str(w.message) for w in caught),
     }
@@ -136,6 +137,7 @@ def _run_python(code: str) -> str:
 _USE = """
 with joblib.parallel_config(backend="mpchan", n_jobs=2):
     print(sum(joblib.Parallel()(joblib.delayed(abs)(-i) for i in range(10))))
+print(joblib.Parallel(backend="mpchan", n_jobs=2)(joblib.delayed(abs)(-i) for i in range(3)))
 factory = joblib.parallel.BACKENDS["mpchan"]
 print(type(factory).__name__, factory.__name__)
 print([f for f in sys.meta_path if type(f).__module__ == "mpchan._joblib_hook"])
@@ -160,6 +162,7 @@ def test_import_mpchan_does_not_import_joblib_and_registers_later() -> None:
             print("missing ok")
         import joblib
         print("mpchan" in joblib.parallel.EXTERNAL_BACKENDS, "mpchan._joblib" in sys.modules)
+        print(joblib.parallel.BACKENDS["mpchan"].__name__)
             """
         )
         + _USE
@@ -168,7 +171,9 @@ def test_import_mpchan_does_not_import_joblib_and_registers_later() -> None:
         "False False",
         "missing ok",
         "True False",
+        "make_backend",
         "45",
+        "[0, 1, 2]",
         "ABCMeta MpchanBackend",
         "[]",  # the finder left sys.meta_path once it fired
     ]
@@ -189,7 +194,7 @@ def test_registration_when_joblib_was_imported_first() -> None:
         )
         + _USE
     )
-    assert out.splitlines() == ["True", "45", "ABCMeta MpchanBackend", "[]"]
+    assert out.splitlines() == ["True", "45", "[0, 1, 2]", "ABCMeta MpchanBackend", "[]"]
 
 
 # ---------------------------------------------------------------- scikit-learn
@@ -330,6 +335,11 @@ def test_nested_parallel_inside_a_worker_does_not_oversubscribe() -> None:
             assert info["pids"] == [info["me"]]
         else:
             assert info["backend"] == "CappedThreadingBackend"
+    with joblib.parallel_config(backend="mpchan", n_jobs=2, inner_max_num_threads=2):
+        infos = Parallel()(delayed(nested_info)(i) for i in range(2))
+    for info in infos:
+        assert info["backend"] == "CappedThreadingBackend"
+        assert info["inner"] == min(2, info["cpus"])
     capped = _joblib.CappedThreadingBackend(2, nesting_level=1)
     assert capped.effective_n_jobs(-1) == min(2, _joblib.cpu_count())
     assert capped.effective_n_jobs(64) == 2
@@ -390,6 +400,17 @@ def test_big_arrays_go_through_shared_memory_once(monkeypatch: pytest.MonkeyPatc
     # A worker keeps the arrays of the last call only.
     assert {r[3] for r in v_out} == {1}
     assert not _array_files()
+
+
+def test_a_parallel_kept_open_reuses_its_workers_and_releases_arrays_per_call() -> None:
+    big = np.ones((256, 1024))  # 2 MiB
+    with Parallel(n_jobs=2, backend="mpchan") as parallel:
+        first = parallel(delayed(array_facts)(big, 1) for _ in range(6))
+        assert not _array_files()
+        second = parallel(delayed(array_facts)(big, 2) for _ in range(6))
+        assert not _array_files()
+        assert {r[2] for r in first} | {r[2] for r in second} <= _pool_pids()
+    assert {r[0] for r in second} == {float(big.sum()) * 2}
 
 
 def test_arrays_are_unlinked_when_a_call_is_aborted() -> None:
