@@ -195,3 +195,9 @@ def _idle_pids() -> set[int]:
         if rp is not None:
             pids.add(rp)
     return pids
+
+
+# "mpchan" as a joblib backend name, without importing joblib (see _joblib_hook).
+from . import _joblib_hook  # noqa: E402
+
+_joblib_hook.install()

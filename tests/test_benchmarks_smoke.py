@@ -121,7 +121,7 @@ def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=420,
         check=False,
     )
     assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
