@@ -98,7 +98,7 @@ def test_peer_selection_and_scenario_selection() -> None:
         harness.select([scenario], ["nothing"])
 
 
-@pytest.mark.timeout(300)  # the whole --quick suite: many short multi-process runs
+@pytest.mark.timeout(450)  # the whole --quick suite: many short multi-process runs
 def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
     pytest.importorskip("numpy")
     listed = subprocess.run(
