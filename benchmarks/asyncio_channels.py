@@ -121,21 +121,34 @@ def _produce(ch: Any, barrier: Any, values: range) -> float:
     return start
 
 
+class _Tally:
+    """What a fan-in consumer received: values, their sum, and the producers' Nones."""
+
+    def __init__(self, producers: int) -> None:
+        self.left = producers
+        self.count = self.total = 0
+
+    def add(self, v: Any) -> None:
+        if v is None:
+            self.left -= 1
+        else:
+            self.count += 1
+            self.total += v
+
+    def report(self) -> tuple[float, int, int]:
+        return time.perf_counter(), self.count, self.total
+
+
 def _async_consume(ch: Any, barrier: Any, producers: int, style: str) -> tuple[float, int, int]:
     """Receive on an event loop until every producer's None; (end, count, checksum)."""
     recv = STYLES[style][1]
 
     async def main() -> tuple[float, int, int]:
         barrier.wait()
-        ended = count = total = 0
-        while ended < producers:
-            v = await recv(ch)
-            if v is None:
-                ended += 1
-            else:
-                count += 1
-                total += v
-        return time.perf_counter(), count, total
+        tally = _Tally(producers)
+        while tally.left:
+            tally.add(await recv(ch))
+        return tally.report()
 
     return asyncio.run(main())
 
@@ -143,15 +156,10 @@ def _async_consume(ch: Any, barrier: Any, producers: int, style: str) -> tuple[f
 def _blocking_consume(ch: Any, barrier: Any, producers: int, style: str) -> tuple[float, int, int]:
     """The floor: the same receiving with blocking calls and no event loop."""
     barrier.wait()
-    ended = count = total = 0
-    while ended < producers:
-        v = ch.recv()
-        if v is None:
-            ended += 1
-        else:
-            count += 1
-            total += v
-    return time.perf_counter(), count, total
+    tally = _Tally(producers)
+    while tally.left:
+        tally.add(ch.recv())
+    return tally.report()
 
 
 # ------------------------------------------------------------------------- run functions
